@@ -1,0 +1,3 @@
+from oai_audio_server.cli import main
+
+main()

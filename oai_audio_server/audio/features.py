@@ -1,0 +1,96 @@
+"""Whisper-style log-mel features exactly as the official Qwen-Audio code computes them.
+
+Each segment (at most 30 s at 16 kHz) is zero-padded to 480000 samples and turned into
+an [80, 3000] log-mel with the checkpoint's ``mel_filters.npz``. The lengths follow
+the official ``process_audio``: mel frames = samples // 160, then the two encoder
+convolutions (kernel 3, padding 1, strides 1 and 2), then the 2x pooling that gives
+the number of audio tokens.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+
+from oai_audio_server.audio.decode import SAMPLE_RATE
+from oai_audio_server.audio.segment import MAX_SEGMENT_SAMPLES
+from oai_audio_server.audio.types import AudioSegmentFeatures
+
+N_FFT = 400
+HOP_LENGTH = 160
+N_MELS = 80
+N_FRAMES = MAX_SEGMENT_SAMPLES // HOP_LENGTH  # 3000
+MEL_FILTERS_FILE = "mel_filters.npz"
+MEL_FILTERS_KEY = "mel_80"
+# (padding, kernel, stride) of the audio encoder's two convolutions.
+_CONV_LAYERS: tuple[tuple[int, int, int], ...] = ((1, 3, 1), (1, 3, 2))
+
+
+def length_after_cnn(mel_frames: int) -> int:
+    length = mel_frames
+    for padding, kernel, stride in _CONV_LAYERS:
+        length = 1 + (length + 2 * padding - kernel) // stride
+    return length
+
+
+def audio_token_count(after_cnn: int) -> int:
+    return (after_cnn - 2) // 2 + 1
+
+
+def min_samples_for_one_token() -> int:
+    """Fewest samples that give at least one audio token (480, i.e. 30 ms)."""
+    frames = 1
+    while audio_token_count(length_after_cnn(frames)) < 1:
+        frames += 1
+    return frames * HOP_LENGTH
+
+
+class MelFeatureExtractor:
+    """Turns segments of 16 kHz mono samples into the encoder's log-mel input.
+
+    Stateless after construction, so one instance may serve many threads.
+    """
+
+    def __init__(self, mel_filters: np.ndarray | torch.Tensor) -> None:
+        filters = torch.as_tensor(np.asarray(mel_filters), dtype=torch.float32)
+        expected = (N_MELS, N_FFT // 2 + 1)
+        if tuple(filters.shape) != expected:
+            raise ValueError(f"mel filters must have shape {expected}, got {tuple(filters.shape)}")
+        self._filters = filters.contiguous()
+        self._window = torch.hann_window(N_FFT)
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: pathlib.Path) -> MelFeatureExtractor:
+        path = pathlib.Path(model_dir) / MEL_FILTERS_FILE
+        with np.load(path, allow_pickle=False) as archive:
+            return cls(archive[MEL_FILTERS_KEY])
+
+    def log_mel(self, samples_16k: np.ndarray) -> torch.Tensor:
+        """The [80, 3000] float32 log-mel of ``samples_16k`` padded with zeros to 30 s."""
+        count = int(samples_16k.shape[0])
+        if count > MAX_SEGMENT_SAMPLES:
+            raise ValueError(f"a segment holds at most {MAX_SEGMENT_SAMPLES} samples, got {count}")
+        padded = torch.zeros(MAX_SEGMENT_SAMPLES, dtype=torch.float32)
+        padded[:count] = torch.from_numpy(np.ascontiguousarray(samples_16k, dtype=np.float32))
+        spectrum = torch.stft(padded, N_FFT, HOP_LENGTH, window=self._window, return_complex=True)
+        power = spectrum[..., :-1].abs() ** 2
+        mel = self._filters @ power
+        log_mel = torch.clamp(mel, min=1e-10).log10()
+        log_mel = torch.maximum(log_mel, log_mel.max() - 8.0)
+        return ((log_mel + 4.0) / 4.0).contiguous()
+
+    def extract(
+        self, samples_16k: np.ndarray, *, start_seconds: float = 0.0
+    ) -> AudioSegmentFeatures:
+        count = int(samples_16k.shape[0])
+        mel = self.log_mel(samples_16k)
+        after_cnn = length_after_cnn(count // HOP_LENGTH)
+        return AudioSegmentFeatures(
+            mel=mel,
+            length_after_cnn=after_cnn,
+            token_count=audio_token_count(after_cnn),
+            start_seconds=start_seconds,
+            end_seconds=start_seconds + count / SAMPLE_RATE,
+        )

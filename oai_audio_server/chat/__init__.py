@@ -1,0 +1,1 @@
+"""Chat completions: OpenAI messages in, Qwen prompts to the engine, OpenAI objects out."""

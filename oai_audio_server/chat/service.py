@@ -1,0 +1,270 @@
+"""Chat completions without HTTP: a request in, a ChatCompletion or SSE chunks out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from msgspec import UNSET, UnsetType
+
+from oai_audio_server.audio.intake import AudioIntake
+from oai_audio_server.audio.types import PreparedAudio
+from oai_audio_server.chat.messages import AudioBudget, to_conversation
+from oai_audio_server.engine.loader import ModelBundle
+from oai_audio_server.engine.types import (
+    Failed,
+    Finished,
+    GenerationHandle,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from oai_audio_server.errors import (
+    APIError,
+    ContextLengthExceededError,
+    EngineError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from oai_audio_server.protocol import (
+    AssistantMessage,
+    AudioURLPart,
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    FinishReason,
+    InputAudioPart,
+    PromptTokensDetails,
+    Usage,
+    json_encoder,
+)
+from oai_audio_server.qwen.conversation import Conversation
+from oai_audio_server.qwen.prompt import Prompt, QwenPromptBuilder
+from oai_audio_server.runtime import Runtime
+from oai_audio_server.settings import Settings
+
+KEEPALIVE_SECONDS = 15.0
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    """A validated request, ready for the engine."""
+
+    generation: GenerationRequest
+    prompt: Prompt
+    model_name: str
+
+
+def check_model(settings: Settings, requested: str) -> str:
+    if requested not in settings.served_names:
+        raise ModelNotFoundError(
+            f"the model '{requested}' does not exist; this server serves "
+            + ", ".join(f"'{name}'" for name in settings.served_names),
+            param="model",
+        )
+    return requested
+
+
+def sampling_params(
+    request: ChatCompletionRequest, bundle: ModelBundle, settings: Settings, prompt_len: int
+) -> SamplingParams:
+    defaults = bundle.defaults
+    room = bundle.max_model_len - prompt_len
+    if prompt_len > bundle.max_window_size or room < 1:
+        raise ContextLengthExceededError(
+            f"the prompt is {prompt_len} tokens (audio included), more than the model's "
+            f"{min(bundle.max_window_size, bundle.max_model_len - 1)}-token window; send "
+            "shorter audio, fewer audio items or less text",
+            param="messages",
+        )
+    asked = request.max_completion_tokens or request.max_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    if asked is not None and asked > settings.max_tokens_limit:
+        raise InvalidRequestError(
+            f"{param} is {asked}; this server allows at most {settings.max_tokens_limit}",
+            param=param,
+        )
+    if asked is not None and asked > room:
+        raise ContextLengthExceededError(
+            f"the prompt ({prompt_len} tokens) plus {param} ({asked}) exceeds the model's "
+            f"{bundle.max_model_len}-token context; ask for at most {room}",
+            param=param,
+        )
+    max_tokens = asked or min(defaults.max_new_tokens, settings.max_tokens_limit, room)
+
+    stop = request.stop
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(
+            f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop"
+        )
+    if request.n != 1:
+        raise InvalidRequestError("only n=1 is supported", param="n")
+
+    if request.temperature is not None:
+        temperature = request.temperature
+    else:
+        temperature = defaults.temperature if defaults.do_sample else 0.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=request.top_p if request.top_p is not None else defaults.top_p,
+        top_k=request.top_k if request.top_k is not None else defaults.top_k,
+        repetition_penalty=(
+            request.repetition_penalty
+            if request.repetition_penalty is not None
+            else defaults.repetition_penalty
+        ),
+        seed=request.seed,
+        stop=tuple(s for s in stops if s),
+    )
+
+
+def _sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+class ChatService:
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self._settings = settings
+        self._runtime = runtime
+        self._builder: QwenPromptBuilder | None = None
+
+    def _prompt_builder(self, bundle: ModelBundle) -> QwenPromptBuilder:
+        if self._builder is None:
+            self._builder = QwenPromptBuilder(
+                bundle.tokenizer, max_window_size=bundle.max_window_size
+            )
+        return self._builder
+
+    async def _load_audio(self, part: InputAudioPart | AudioURLPart) -> PreparedAudio:
+        intake: AudioIntake = self._runtime.intake
+        if isinstance(part, InputAudioPart):
+            return await intake.from_base64(part.input_audio.data, part.input_audio.format)
+        return await intake.from_url(part.audio_url.url)
+
+    async def conversation(self, request: ChatCompletionRequest) -> Conversation:
+        budget = AudioBudget(
+            max_items=self._settings.max_audios_per_request,
+            max_seconds=self._settings.max_audio_seconds,
+        )
+        return await to_conversation(request.messages, self._load_audio, budget)
+
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedGeneration:
+        model_name = check_model(self._settings, request.model)
+        bundle = self._runtime.engine.bundle
+        conversation = await self.conversation(request)
+        prompt = self._prompt_builder(bundle).build(conversation)
+        sampling = sampling_params(request, bundle, self._settings, len(prompt.token_ids))
+        generation = GenerationRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt_ids=prompt.token_ids,
+            audio=prompt.audio_segments,
+            sampling=sampling,
+            deadline=time.monotonic() + self._settings.request_timeout,
+        )
+        return PreparedGeneration(generation, prompt, model_name)
+
+    def _usage(self, prepared: PreparedGeneration, finished: Finished) -> Usage:
+        return Usage(
+            prompt_tokens=finished.prompt_tokens,
+            completion_tokens=finished.completion_tokens,
+            total_tokens=finished.prompt_tokens + finished.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(
+                audio_tokens=prepared.prompt.audio_token_count
+            ),
+        )
+
+    async def complete(self, prepared: PreparedGeneration) -> ChatCompletion:
+        handle = self._runtime.engine.submit(prepared.generation)
+        parts: list[str] = []
+        try:
+            while True:
+                event = await handle.next_event()
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Failed):
+                    raise event.error
+                else:
+                    break
+        finally:
+            handle.cancel()  # a no-op once finished; stops the row if we were cancelled
+        return ChatCompletion(
+            id=prepared.generation.request_id,
+            created=int(time.time()),
+            model=prepared.model_name,
+            choices=[
+                ChatCompletionChoice(
+                    index=0,
+                    message=AssistantMessage(content="".join(parts)),
+                    finish_reason=event.reason,
+                )
+            ],
+            usage=self._usage(prepared, event),
+        )
+
+    def submit(self, prepared: PreparedGeneration) -> GenerationHandle:
+        """Queue the request now, so a full queue is a 429 before the stream starts."""
+        return self._runtime.engine.submit(prepared.generation)
+
+    async def stream(
+        self,
+        prepared: PreparedGeneration,
+        handle: GenerationHandle,
+        *,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        """Server-sent events; an error after the stream started is a final error event."""
+        created = int(time.time())
+        # OpenAI sends "usage": null on every chunk when usage was asked for.
+        usage: Usage | None | UnsetType = None if include_usage else UNSET
+
+        def chunk(delta: ChunkDelta, finish_reason: FinishReason | None = None) -> bytes:
+            body = ChatCompletionChunk(
+                id=prepared.generation.request_id,
+                created=created,
+                model=prepared.model_name,
+                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+                usage=usage,
+            )
+            return _sse(json_encoder.encode(body))
+
+        try:
+            yield chunk(ChunkDelta(role="assistant", content=""))
+            while True:
+                try:
+                    event = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                if isinstance(event, TextDelta):
+                    yield chunk(ChunkDelta(content=event.text))
+                elif isinstance(event, Failed):
+                    yield _sse(json_encoder.encode(event.error.to_body()))
+                    break
+                else:
+                    yield chunk(ChunkDelta(), event.reason)
+                    if include_usage:
+                        usage_chunk = ChatCompletionChunk(
+                            id=prepared.generation.request_id,
+                            created=created,
+                            model=prepared.model_name,
+                            choices=[],
+                            usage=self._usage(prepared, event),
+                        )
+                        yield _sse(json_encoder.encode(usage_chunk))
+                    break
+            yield b"data: [DONE]\n\n"
+        except APIError as exc:
+            yield _sse(json_encoder.encode(exc.to_body()))
+        except Exception as exc:  # never a bare broken stream
+            yield _sse(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
+        finally:
+            handle.cancel()  # client gone or stream done: the row leaves the batch

@@ -1,0 +1,1 @@
+"""The model engine: one model, one worker thread, many requests batched together."""

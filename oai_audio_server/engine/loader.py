@@ -1,0 +1,158 @@
+"""Finding, loading and describing the checkpoint.
+
+The model is loaded through transformers' ``trust_remote_code`` path, exactly as the
+official README does, so any Qwen-Audio-Chat checkpoint (or fine-tune) works unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oai_audio_server.audio.features import MelFeatureExtractor
+from oai_audio_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_dir(model: str, download_dir: str | None = None) -> Path:
+    """A local directory as is; anything else is a ModelScope id to download."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    from modelscope import snapshot_download  # heavy import, only when downloading
+
+    logger.info("downloading %s from ModelScope (about 20 GB for Qwen-Audio-Chat)", model)
+    return Path(snapshot_download(model, cache_dir=download_dir))
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {setting} asked for CUDA, but no CUDA device is available")
+    return device
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Defaults from the checkpoint's generation config, used when a request is silent."""
+
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+
+
+@dataclass
+class ModelBundle:
+    model: Any
+    tokenizer: Any
+    model_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    token_bytes: list[bytes]
+    stop_token_ids: frozenset[int]
+    pad_token_id: int
+    max_window_size: int
+    max_model_len: int
+    # Longest sequence that keeps batched greedy equal to solo greedy (rotary scaling
+    # switches on past the model's seq_length); None means no such limit.
+    exact_batch_len: int | None
+    defaults: SamplingDefaults
+    mel: MelFeatureExtractor
+
+    @property
+    def vocab_limit(self) -> int:
+        return len(self.token_bytes)
+
+
+def _token_bytes(tokenizer: Any) -> list[bytes]:
+    """Bytes of every decodable id: ordinary tokens are bytes, special tokens their text."""
+    table: list[bytes] = []
+    for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+        table.append(token if isinstance(token, bytes) else str(token).encode("utf-8"))
+    return table
+
+
+def _sampling_defaults(generation_config: Any) -> SamplingDefaults:
+    def get(name: str, default: Any) -> Any:
+        value = getattr(generation_config, name, None)
+        return default if value is None else value
+
+    return SamplingDefaults(
+        do_sample=bool(get("do_sample", False)),
+        temperature=float(get("temperature", 1.0)),
+        top_p=float(get("top_p", 1.0)),
+        top_k=int(get("top_k", 0)),
+        repetition_penalty=float(get("repetition_penalty", 1.0)),
+        max_new_tokens=int(get("max_new_tokens", 512)),
+    )
+
+
+def load_bundle(settings: Settings) -> ModelBundle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(settings.model, settings.download_dir)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    logger.info("loading %s on %s as %s", model_dir, device, dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        trust_remote_code=True,
+        torch_dtype=dtype,
+        # The remote code picks its own precision from these flags unless told.
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        fp32=dtype == torch.float32,
+        device_map={"": str(device)} if device.type == "cuda" else None,
+    )
+    if device.type != "cuda":
+        model = model.to(device)
+    model.eval()
+
+    generation_config = model.generation_config
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    stop_ids = frozenset([tokenizer.im_end_id, tokenizer.im_start_id, *eos_ids])
+    pad = getattr(generation_config, "pad_token_id", None)
+    max_window = int(getattr(generation_config, "max_window_size", 6144))
+    config = model.config
+    max_model_len = int(getattr(config, "max_position_embeddings", 0) or max_window + 2048)
+    seq_length = getattr(config, "seq_length", None)
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        model_dir=model_dir,
+        device=device,
+        dtype=dtype,
+        token_bytes=_token_bytes(tokenizer),
+        stop_token_ids=stop_ids,
+        pad_token_id=int(pad if pad is not None else tokenizer.eod_id),
+        max_window_size=max_window,
+        max_model_len=max(max_model_len, max_window),
+        exact_batch_len=int(seq_length) if seq_length else None,
+        defaults=_sampling_defaults(generation_config),
+        mel=MelFeatureExtractor.from_checkpoint(model_dir),
+    )

@@ -1,0 +1,376 @@
+"""The batching engine: a single worker thread owns the model; requests queue for it.
+
+Iteration-level batching: between two decode steps, waiting requests are prefilled and
+join the running batch; finished or cancelled rows leave it at once. A waiting request
+joins only when doing so keeps every row's answer identical to running it alone (see
+``batch.py``): its prompt fits in the current cache length, and no row can grow past the
+length where the model's rotary scaling switches on. Otherwise it waits for the batch
+to drain (the queue is first-in first-out, so nothing starves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+
+from oai_audio_server.engine.batch import Batch, Row
+from oai_audio_server.engine.detokenizer import IncrementalText
+from oai_audio_server.engine.loader import ModelBundle
+from oai_audio_server.engine.sampling import make_generator, next_token
+from oai_audio_server.engine.types import (
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+)
+from oai_audio_server.errors import (
+    APIError,
+    EngineError,
+    NotReadyError,
+    OverloadedError,
+    RequestTimeoutError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandle:
+    """The service's side of one request: an async stream of events, and cancel()."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted_at = time.monotonic()
+
+    def emit(self, event: GenerationEvent) -> None:
+        """Called from the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def next_event(self) -> GenerationEvent:
+        return await self._queue.get()
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, Finished | Failed):
+                return
+
+
+class BatchingEngine:
+    def __init__(
+        self,
+        load: Callable[[], ModelBundle],
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+    ) -> None:
+        self._load = load
+        self._max_batch_size = max_batch_size
+        self._max_queue = max_queue
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._cond = threading.Condition()
+        self._bundle: ModelBundle | None = None
+        self._load_error: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._batch_size = 0
+        self._counters: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="oas-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._bundle = None
+
+    @property
+    def ready(self) -> bool:
+        return self._bundle is not None and not self._stopping
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
+
+    @property
+    def bundle(self) -> ModelBundle:
+        if self._bundle is None:
+            raise NotReadyError("the model is still loading; retry shortly")
+        return self._bundle
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        if not self.ready:
+            raise NotReadyError("the model is not ready; retry shortly")
+        handle = RequestHandle(request, asyncio.get_running_loop())
+        with self._cond:
+            if len(self._waiting) >= self._max_queue:
+                self._counters["rejected_overloaded"] += 1
+                raise OverloadedError(
+                    f"the server is busy ({self._max_queue} requests already waiting); "
+                    "retry after the time given in Retry-After"
+                )
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "queue_depth": len(self._waiting),
+            "batch_size": self._batch_size,
+            **{name: float(value) for name, value in self._counters.items()},
+        }
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        try:
+            bundle = self._load()
+        except BaseException as exc:  # reported by /health; the thread ends
+            logger.exception("model load failed")
+            self._load_error = exc
+            return
+        self._bundle = bundle
+        logger.info("model ready")
+        batch: Batch | None = None
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and batch is None and not self._waiting:
+                        self._cond.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                    admitted = self._admit(batch, bundle)
+                try:
+                    if admitted:
+                        joined = self._prefill(bundle, admitted, batch)
+                        batch = joined if batch is None else batch.extend(joined)
+                    batch = self._retire(batch)
+                    if batch is not None:
+                        self._decode_step(bundle, batch)
+                        batch = self._retire(batch)
+                except Exception as exc:  # a model fault fails this batch, not the server
+                    logger.exception("generation failed")
+                    error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                    live = [r.handle for r in (batch.rows if batch else []) if not r.finished]
+                    for handle in {id(h): h for h in live + admitted}.values():
+                        self._fail(handle, error)
+                    batch = None
+                    if bundle.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                self._batch_size = len(batch.rows) if batch else 0
+        # shutting down: nobody will serve what is left
+        for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
+            self._fail(handle, NotReadyError("the server is shutting down"))
+        self._waiting.clear()
+
+    def _fail(self, handle: RequestHandle, error: APIError) -> None:
+        self._counters["failed"] += 1
+        handle.emit(Failed(error))
+
+    def _admit(self, batch: Batch | None, bundle: ModelBundle) -> list[RequestHandle]:
+        """Pop the waiting requests that can start now. Caller holds the lock."""
+        now = time.monotonic()
+        admitted: list[RequestHandle] = []
+        running = len(batch.rows) if batch else 0
+        limit = bundle.exact_batch_len
+        while self._waiting and running + len(admitted) < self._max_batch_size:
+            head = self._waiting[0]
+            request = head.request
+            if head.cancelled:
+                self._waiting.popleft()
+                continue
+            if request.deadline is not None and now > request.deadline:
+                self._waiting.popleft()
+                self._fail(head, RequestTimeoutError("the request timed out waiting for the model"))
+                continue
+            bound = len(request.prompt_ids) + request.sampling.max_tokens
+            alone = limit is not None and bound > limit  # long sequences run on their own
+            if batch is None:
+                if admitted and (alone or self._any_long(admitted, limit)):
+                    break
+            else:
+                if (
+                    alone
+                    or limit is not None
+                    and any(r.final_length_bound > limit for r in batch.rows)
+                ):
+                    break
+                if len(request.prompt_ids) > batch.length:
+                    break  # joins once the batch's cache has grown to its prompt length
+                if limit is not None and batch.length + request.sampling.max_tokens > limit:
+                    break
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    @staticmethod
+    def _any_long(handles: list[RequestHandle], limit: int | None) -> bool:
+        if limit is None:
+            return False
+        return any(
+            len(h.request.prompt_ids) + h.request.sampling.max_tokens > limit for h in handles
+        )
+
+    def _audio_info(self, handles: list[RequestHandle]) -> dict[str, Any] | None:
+        segments = [segment for h in handles for segment in h.request.audio]
+        if not segments:
+            return None
+        # The same shapes the official tokenizer.process_audio returns, in prompt order.
+        return {
+            "input_audios": torch.stack([s.mel for s in segments]),
+            "input_audio_lengths": torch.tensor(
+                [[s.length_after_cnn, s.token_count] for s in segments], dtype=torch.int32
+            ),
+            "audio_span_tokens": [s.token_count + 2 for s in segments],
+            "audio_urls": [f"audio-{i}" for i in range(len(segments))],
+        }
+
+    def _forward_last_logits(self, bundle: ModelBundle, **inputs: Any) -> tuple[torch.Tensor, Any]:
+        """Logits of the last position only: the full [batch, seq, vocab] tensor of a
+        long audio prompt would cost gigabytes for nothing."""
+        model = bundle.model
+        if hasattr(model, "transformer") and hasattr(model, "lm_head"):
+            out = model.transformer(**inputs, use_cache=True, return_dict=True)
+            logits = model.lm_head(out.last_hidden_state[:, -1, :])
+        else:
+            out = model(**inputs, use_cache=True, return_dict=True)
+            logits = out.logits[:, -1, :]
+        return logits[:, : bundle.vocab_limit].float(), out.past_key_values
+
+    def _prefill(
+        self, bundle: ModelBundle, handles: list[RequestHandle], batch: Batch | None
+    ) -> Batch:
+        length = batch.length if batch else max(len(h.request.prompt_ids) for h in handles)
+        input_ids = torch.full((len(handles), length), bundle.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(handles), length), dtype=torch.long)
+        for i, handle in enumerate(handles):
+            prompt = handle.request.prompt_ids
+            input_ids[i, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, length - len(prompt) :] = 1
+        input_ids = input_ids.to(bundle.device)
+        mask = mask.to(bundle.device)
+        logits, past = self._forward_last_logits(
+            bundle,
+            input_ids=input_ids,
+            attention_mask=mask,
+            past_key_values=None,
+            audio_info=self._audio_info(handles),
+        )
+        rows = [
+            Row(
+                handle=h,
+                text=IncrementalText(
+                    bundle.token_bytes,
+                    stop=h.request.sampling.stop,
+                    strip=h.request.strip_whitespace,
+                ),
+                generator=make_generator(h.request.sampling, bundle.device),
+            )
+            for h in handles
+        ]
+        self._counters["prefills"] += 1
+        self._counters["prompt_tokens"] += sum(len(h.request.prompt_ids) for h in handles)
+        self._sample_all(bundle, rows, logits)
+        return Batch(rows=rows, past=past, attention_mask=mask)
+
+    def _decode_step(self, bundle: ModelBundle, batch: Batch) -> None:
+        tokens = [row.pending_token for row in batch.rows]
+        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=bundle.device)
+        ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=bundle.device)
+        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
+        logits, batch.past = self._forward_last_logits(
+            bundle,
+            input_ids=input_ids,
+            attention_mask=batch.attention_mask,
+            past_key_values=batch.past,
+        )
+        self._counters["decode_steps"] += 1
+        self._sample_all(bundle, batch.rows, logits)
+
+    def _sample_all(self, bundle: ModelBundle, rows: list[Row], logits: torch.Tensor) -> None:
+        for i, row in enumerate(rows):
+            request = row.handle.request
+            sampling = request.sampling
+            seen = None
+            if sampling.repetition_penalty != 1.0:
+                seen = torch.tensor(
+                    request.prompt_ids + row.generated, dtype=torch.long, device=logits.device
+                )
+                seen = seen[seen < logits.shape[1]]
+            token = next_token(logits[i], sampling, seen_ids=seen, generator=row.generator)
+            self._accept(bundle, row, token)
+
+    def _accept(self, bundle: ModelBundle, row: Row, token: int) -> None:
+        row.generated.append(token)
+        self._counters["completion_tokens"] += 1
+        if token in bundle.stop_token_ids:
+            self._finish(row, "stop")
+            return
+        delta = row.text.push(token)
+        if delta:
+            row.handle.emit(TextDelta(delta))
+        if row.text.stopped:
+            self._finish(row, "stop")
+        elif len(row.generated) >= row.handle.request.sampling.max_tokens:
+            self._finish(row, "length")
+        else:
+            row.pending_token = token
+
+    def _finish(self, row: Row, reason: FinishReason) -> None:
+        tail = row.text.finish()
+        if tail:
+            row.handle.emit(TextDelta(tail))
+        row.finished = True
+        self._counters["finished"] += 1
+        row.handle.emit(
+            Finished(
+                reason=reason,
+                prompt_tokens=len(row.handle.request.prompt_ids),
+                completion_tokens=len(row.generated),
+                token_ids=list(row.generated),
+            )
+        )
+
+    def _retire(self, batch: Batch | None) -> Batch | None:
+        """Drop finished, cancelled and timed-out rows from the batch."""
+        if batch is None:
+            return None
+        now = time.monotonic()
+        keep: list[int] = []
+        for i, row in enumerate(batch.rows):
+            deadline = row.handle.request.deadline
+            if row.finished:
+                continue
+            if row.handle.cancelled:
+                self._counters["cancelled"] += 1
+                continue
+            if deadline is not None and now > deadline:
+                self._fail(row.handle, RequestTimeoutError("the request timed out"))
+                continue
+            keep.append(i)
+        if not keep:
+            return None
+        return batch.keep(keep)

@@ -1,0 +1,79 @@
+"""What the service layer hands the engine, and what it gets back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from oai_audio_server.audio.types import AudioSegmentFeatures
+from oai_audio_server.errors import APIError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    audio: list[AudioSegmentFeatures]
+    sampling: SamplingParams
+    # Official chat strips the answer; streams must add up to the same text.
+    strip_whitespace: bool = True
+    deadline: float | None = None  # time.monotonic() value after which the request fails
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: APIError
+
+
+GenerationEvent = TextDelta | Finished | Failed
+
+
+class GenerationHandle(Protocol):
+    async def next_event(self) -> GenerationEvent: ...
+
+    def events(self) -> AsyncIterator[GenerationEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Engine(Protocol):
+    """Small enough to fake in tests: submit, iterate events, cancel, report health."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle: ...
+
+    def stats(self) -> dict[str, float]: ...

@@ -1,0 +1,1 @@
+"""The HTTP surface (Litestar): thin routes over the service layer."""

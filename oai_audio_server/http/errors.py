@@ -1,0 +1,84 @@
+"""One mapping from exceptions to OpenAI error bodies, by exception type."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from oai_audio_server.errors import (
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+)
+
+logger = logging.getLogger(__name__)
+
+_PATH = re.compile(r"`\$\.?([^`]*)`")
+_FIELD = re.compile(r"required field `([^`]+)`")
+
+
+def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequestError:
+    """msgspec says '... - at `$.messages[0].content`'; OpenAI's param is the path."""
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        return InvalidRequestError(f"the request body is not valid JSON: {text}")
+    where = _PATH.search(text)
+    param = where.group(1) if where else None
+    missing = _FIELD.search(text)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+    return InvalidRequestError(f"invalid request: {text}", param=param or None)
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    if not body.strip():
+        raise InvalidRequestError("the request body is empty; send a JSON object")
+    try:
+        return decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise validation_error(exc) from None
+
+
+def error_response(error: APIError) -> Response[Any]:
+    return Response(
+        content=error.to_body(),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
+    )
+
+
+def _from_http_exception(exc: HTTPException) -> APIError:
+    status = exc.status_code
+    detail = str(exc.detail or "")
+    if status == 404:
+        return NotFoundError(f"no such route: {detail or 'not found'}", code="not_found")
+    if status == 413:
+        return PayloadTooLargeError(
+            "the request body is too large; send smaller or fewer audio files "
+            "(the limit is the server's --max-body-bytes)"
+        )
+    if status == 405:
+        return InvalidRequestError(
+            detail or "method not allowed", code="method_not_allowed", status=405
+        )
+    if 400 <= status < 500:
+        return InvalidRequestError(detail or "bad request", status=status)
+    return APIError(detail or "internal server error")
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, APIError):
+        error = exc
+    elif isinstance(exc, HTTPException):
+        error = _from_http_exception(exc)
+    else:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        error = APIError(f"internal server error: {type(exc).__name__}")
+    return error_response(error)

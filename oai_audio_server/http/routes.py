@@ -1,0 +1,85 @@
+"""Routes for chat completions, models and health."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from oai_audio_server.chat.service import ChatService
+from oai_audio_server.errors import NotReadyError
+from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
+from oai_audio_server.http.errors import decode_body, error_response
+from oai_audio_server.protocol import (
+    ModelCard,
+    ModelList,
+    chat_request_decoder,
+    json_encoder,
+)
+from oai_audio_server.runtime import Runtime
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_response(payload: Any, status_code: int = 200) -> Response[bytes]:
+    return Response(
+        content=json_encoder.encode(payload), status_code=status_code, media_type="application/json"
+    )
+
+
+def build_routes(runtime: Runtime) -> list[Any]:
+    settings = runtime.settings
+    chat = ChatService(settings, runtime)
+    started = int(time.time())
+
+    @post(
+        "/v1/chat/completions",
+        status_code=200,
+        summary="Create a chat completion (JSON or SSE stream)",
+    )
+    async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+        body = await request.body()
+        chat_request = decode_body(body, chat_request_decoder)
+        prepared = await chat.prepare(chat_request)
+        if chat_request.stream:
+            handle = chat.submit(prepared)
+            options = chat_request.stream_options
+            events = chat.stream(
+                prepared, handle, include_usage=bool(options and options.include_usage)
+            )
+            return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            completion = await unless_disconnected(request, chat.complete(prepared))
+        except ClientDisconnected:
+            return Response(content=b"", status_code=499)
+        return json_response(completion)
+
+    @get("/v1/models", summary="List the served model")
+    async def list_models() -> Response[bytes]:
+        cards = [ModelCard(id=name, created=started) for name in settings.served_names]
+        return json_response(ModelList(data=cards))
+
+    @get("/v1/models/{model_id:str}", summary="Describe the served model")
+    async def get_model(model_id: str) -> Response[bytes]:
+        from oai_audio_server.chat.service import check_model
+
+        return json_response(ModelCard(id=check_model(settings, model_id), created=started))
+
+    @get("/health", summary="Readiness: 200 once the model is loaded, 503 before")
+    async def health() -> Response[Any]:
+        engine = runtime.engine
+        if engine.ready:
+            return json_response({"status": "ok", **engine.stats()})
+        if engine.load_error is not None:
+            message = f"model failed to load: {engine.load_error}"
+        else:
+            message = "the model is loading"
+        return error_response(NotReadyError(message))
+
+    @get("/live", summary="Liveness: 200 while the process serves HTTP")
+    async def live() -> Response[bytes]:
+        return json_response({"status": "alive"})
+
+    return [chat_completions, list_models, get_model, health, live]

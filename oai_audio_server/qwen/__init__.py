@@ -1,0 +1,1 @@
+"""Everything that knows the Qwen-Audio-Chat remote code's public interface."""

@@ -1,0 +1,92 @@
+"""Server settings: one frozen object, filled from CLI flags and ``OAS_*`` variables.
+
+Every field declares its flag help here, so ``--help``, the environment variables and
+the README's settings table all come from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "OAS_"
+MIB = 1024 * 1024
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = _setting("", "Checkpoint directory or ModelScope id (e.g. qwen/Qwen-Audio-Chat).")
+    served_model_name: str | None = _setting(
+        None,
+        "Model name clients send and /v1/models lists (default: MODEL as given); "
+        "comma-separate several to accept aliases.",
+    )
+    host: str = _setting("127.0.0.1", "Address to listen on.")
+    port: int = _setting(8000, "Port to listen on.")
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N (auto picks cuda:0 when present).")
+    dtype: str = _setting(
+        "auto",
+        "auto, bfloat16, float16 or float32 (auto: bfloat16 on GPUs that support it, "
+        "else float16 on GPU, float32 on CPU).",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    download_dir: str | None = _setting(
+        None, "Where ModelScope downloads go (default: ModelScope's own cache)."
+    )
+    max_body_bytes: int = _setting(
+        48 * MIB, "Largest request body in bytes; base64 audio is 4/3 of the file size."
+    )
+    max_audio_bytes: int = _setting(25 * MIB, "Largest single audio file, in bytes.")
+    max_audio_seconds: float = _setting(
+        600.0, "Most seconds of audio in one request (longer audio is split into 30 s segments)."
+    )
+    max_audios_per_request: int = _setting(16, "Most audio items in one request.")
+    allowed_media_domains: tuple[str, ...] = _setting(
+        (), "Hosts that audio_url may fetch over http(s); comma-separated. Default: none."
+    )
+    allowed_local_media_path: str | None = _setting(
+        None, "Directory that file:// audio URLs and /test-audio/ may read. Default: none."
+    )
+    media_fetch_timeout: float = _setting(10.0, "Seconds allowed to fetch one remote audio.")
+    audio_cache_mb: int = _setting(256, "Memory for decoded audio features, in MiB (0 = off).")
+    max_batch_size: int = _setting(8, "Most sequences decoded together in one forward pass.")
+    max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.")
+    request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
+    max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.")
+    api_key: str | None = _setting(
+        None, "If set, every endpoint but /health needs this Bearer key."
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        (), "CORS origins allowed to call the API; comma-separated, * for any. Default: none."
+    )
+    shutdown_timeout: float = _setting(30.0, "Seconds in-flight requests may finish after SIGTERM.")
+    log_json: bool = _setting(False, "Write request logs as JSON lines.")
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Names clients may send; the first is the one replies carry and /v1/models lists
+        first. Several names (comma-separated) let clients that insist on e.g. whisper-1
+        reach the model."""
+        if not self.served_model_name:
+            return (self.model,)
+        return tuple(n.strip() for n in self.served_model_name.split(",") if n.strip())
+
+    @property
+    def model_name(self) -> str:
+        return self.served_names[0]
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def setting_fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(Settings))
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
