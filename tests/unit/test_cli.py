@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from oai_audio_server.cli import build_parser, settings_from_args
+from oai_audio_server.settings import Settings, env_name, setting_fields
+
+
+def test_flags_fill_settings() -> None:
+    settings = settings_from_args(
+        ["serve", "/models/qwen", "--port", "9000", "--dtype", "bfloat16",
+         "--allowed-media-domains", "a.example, b.example", "--log-json"], environ={}
+    )
+    assert settings.model == "/models/qwen"
+    assert settings.port == 9000 and settings.dtype == "bfloat16"
+    assert settings.allowed_media_domains == ("a.example", "b.example")
+    assert settings.log_json is True
+    assert settings.model_name == "/models/qwen"  # served name defaults to MODEL as given
+
+
+def test_environment_variables_and_flag_precedence() -> None:
+    env = {"OAS_MODEL": "qwen/Qwen-Audio-Chat", "OAS_PORT": "8123", "OAS_LOG_JSON": "true",
+           "OAS_MAX_AUDIO_SECONDS": "90", "OAS_SERVED_MODEL_NAME": "qwen,whisper-1"}
+    settings = settings_from_args(["serve"], environ=env)
+    assert settings.model == "qwen/Qwen-Audio-Chat" and settings.port == 8123
+    assert settings.log_json and settings.max_audio_seconds == 90.0
+    assert settings.served_names == ("qwen", "whisper-1") and settings.model_name == "qwen"
+    assert settings_from_args(["serve", "--port", "1"], environ=env).port == 1
+
+
+def test_bad_values_are_usage_errors() -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "m", "--dtype", "int4"], environ={})
+    with pytest.raises(ValueError):
+        settings_from_args(["serve", "m"], environ={"OAS_LOG_JSON": "maybe"})
+
+
+def test_every_setting_has_a_flag_and_variable_in_help() -> None:
+    serve = build_parser({})._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    text = serve.format_help()
+    for field in setting_fields():
+        assert env_name(field.name) in text
+        if field.name != "model":
+            assert "--" + field.name.replace("_", "-") in text
+    assert Settings().host == "127.0.0.1"
+
+
+def test_module_entry_point_prints_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "oai_audio_server", "serve", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "OAS_MAX_AUDIO_SECONDS" in out.stdout
