@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -41,6 +41,8 @@ from oai_audio_server.errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class RequestHandle:
@@ -164,28 +166,40 @@ class BatchingEngine:
                     if self._stopping:
                         break
                     admitted = self._admit(batch, bundle)
-                try:
-                    if admitted:
-                        joined = self._prefill(bundle, admitted, batch)
+                if admitted:
+                    joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
+                    if joined is not None:
                         batch = joined if batch is None else batch.extend(joined)
-                    batch = self._retire(batch)
-                    if batch is not None:
-                        self._decode_step(bundle, batch)
-                        batch = self._retire(batch)
-                except Exception as exc:  # a model fault fails this batch, not the server
-                    logger.exception("generation failed")
-                    error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-                    live = [r.handle for r in (batch.rows if batch else []) if not r.finished]
-                    for handle in {id(h): h for h in live + admitted}.values():
-                        self._fail(handle, error)
-                    batch = None
-                    if bundle.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                batch = self._retire(batch)
+                if batch is not None:
+                    live = [row.handle for row in batch.rows]
+                    stepped = self._guarded(bundle, live, self._decode_step, bundle, batch)
+                    batch = self._retire(batch) if stepped is not None else None
                 self._batch_size = len(batch.rows) if batch else 0
         # shutting down: nobody will serve what is left
         for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
             self._fail(handle, NotReadyError("the server is shutting down"))
         self._waiting.clear()
+
+    def _guarded(
+        self,
+        bundle: ModelBundle,
+        handles: list[RequestHandle],
+        work: Callable[..., T],
+        *args: Any,
+    ) -> T | None:
+        """Run one model call; if it fails, fail only the requests it was for (a bad
+        newcomer never takes the running batch down) and keep serving."""
+        try:
+            return work(*args)
+        except Exception as exc:
+            logger.exception("generation failed")
+            error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+            for handle in handles:
+                self._fail(handle, error)
+            if bundle.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
 
     def _fail(self, handle: RequestHandle, error: APIError) -> None:
         self._counters["failed"] += 1
@@ -296,7 +310,7 @@ class BatchingEngine:
         self._sample_all(bundle, rows, logits)
         return Batch(rows=rows, past=past, attention_mask=mask)
 
-    def _decode_step(self, bundle: ModelBundle, batch: Batch) -> None:
+    def _decode_step(self, bundle: ModelBundle, batch: Batch) -> Batch:
         tokens = [row.pending_token for row in batch.rows]
         input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=bundle.device)
         ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=bundle.device)
@@ -309,6 +323,7 @@ class BatchingEngine:
         )
         self._counters["decode_steps"] += 1
         self._sample_all(bundle, batch.rows, logits)
+        return batch
 
     def _sample_all(self, bundle: ModelBundle, rows: list[Row], logits: torch.Tensor) -> None:
         for i, row in enumerate(rows):
