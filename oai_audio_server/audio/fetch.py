@@ -19,7 +19,7 @@ import binascii
 import ipaddress
 import pathlib
 import socket
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import httpx
 
@@ -136,8 +136,11 @@ async def _follow_redirects(url: str, settings: Settings) -> bytes:
     async with httpx.AsyncClient(follow_redirects=False, timeout=limits, trust_env=False) as client:
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
-            await _check_http_url(current, settings)
-            async with client.stream("GET", current, headers={"Accept": "*/*"}) as response:
+            address = await _check_http_url(current, settings)
+            target, headers, extensions = _pinned_request(current, address)
+            async with client.stream(
+                "GET", target, headers=headers, extensions=extensions
+            ) as response:
                 if response.is_redirect:
                     location = response.headers.get("location")
                     if not location:
@@ -175,7 +178,22 @@ def _normal_host(host: str) -> str:
     return host.strip().lower().rstrip(".").strip("[]")
 
 
-async def _check_http_url(url: str, settings: Settings) -> None:
+def _pinned_request(url: str, address: IPAddress) -> tuple[str, dict[str, str], dict[str, str]]:
+    """Connect to the address that was checked, not to a fresh DNS answer: otherwise a
+    name could resolve to a public address for the check and an internal one for the
+    connection (DNS rebinding). The Host header and TLS SNI/certificate check keep the
+    original name."""
+    parts = urlsplit(url)
+    literal = f"[{address}]" if address.version == 6 else str(address)
+    netloc = literal if parts.port is None else f"{literal}:{parts.port}"
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    extensions = {"sni_hostname": parts.hostname or ""} if parts.scheme == "https" else {}
+    target = urlunsplit(parts._replace(netloc=netloc))
+    return target, {"Accept": "*/*", "Host": host_header}, extensions
+
+
+async def _check_http_url(url: str, settings: Settings) -> IPAddress:
+    """Check the URL against the rules; return the address to connect to."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
         raise InvalidRequestError(
@@ -198,6 +216,7 @@ async def _check_http_url(url: str, settings: Settings) -> None:
         raise InvalidRequestError("The audio URL has an invalid port.", code=NOT_ALLOWED) from error
     addresses = await _resolve(host, port)
     _check_addresses(host, addresses)
+    return addresses[0]
 
 
 async def _resolve(host: str, port: int) -> list[IPAddress]:

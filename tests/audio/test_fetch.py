@@ -299,3 +299,21 @@ def test_malformed_data_uri(url: str, code: str) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         _fetch(url, Settings())
     assert caught.value.code == code
+
+
+def test_connection_is_pinned_to_the_checked_address() -> None:
+    """No second DNS lookup between the check and the connection (DNS rebinding)."""
+    import ipaddress
+
+    from oai_audio_server.audio.fetch import _pinned_request
+
+    target, headers, extensions = _pinned_request(
+        "https://user@media.example:8443/a.wav?x=1", ipaddress.ip_address("93.184.216.34")
+    )
+    assert target == "https://93.184.216.34:8443/a.wav?x=1"
+    assert headers["Host"] == "media.example:8443"
+    assert extensions == {"sni_hostname": "media.example"}
+    target, headers, extensions = _pinned_request(
+        "http://media.example/a.wav", ipaddress.ip_address("2001:db8::1")
+    )
+    assert target == "http://[2001:db8::1]/a.wav" and extensions == {}
