@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from oai_audio_server.engine.loader import pick_device, pick_dtype, resolve_model_dir
+
+
+def test_local_directory_is_used_as_is(tmp_path: Path) -> None:
+    assert resolve_model_dir(str(tmp_path)) == tmp_path
+
+
+def test_model_id_is_downloaded_from_modelscope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, Any]] = []
+
+    def snapshot_download(model_id: str, cache_dir: str | None = None) -> str:
+        calls.append((model_id, cache_dir))
+        return str(tmp_path)
+
+    monkeypatch.setitem(sys.modules, "modelscope",
+                        types.SimpleNamespace(snapshot_download=snapshot_download))
+    assert resolve_model_dir("qwen/Qwen-Audio-Chat", "/models") == tmp_path
+    assert calls == [("qwen/Qwen-Audio-Chat", "/models")]
+
+
+def test_device_and_dtype_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        pick_device("cuda:1")
+
+
+def test_device_and_dtype_choice_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda:0")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert pick_dtype("auto", torch.device("cuda:0")) == torch.float16

@@ -1,0 +1,74 @@
+"""Request fields to SamplingParams: defaults from the checkpoint, limits as 400s."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+import pytest
+
+from oai_audio_server.chat.service import sampling_params
+from oai_audio_server.engine.loader import SamplingDefaults
+from oai_audio_server.errors import ContextLengthExceededError, InvalidRequestError
+from oai_audio_server.protocol import ChatCompletionRequest
+from oai_audio_server.settings import Settings
+
+QWEN_CHAT_DEFAULTS = SamplingDefaults(
+    do_sample=True, temperature=1.0, top_p=0.5, top_k=0, repetition_penalty=1.0,
+    max_new_tokens=512,
+)
+BUNDLE: Any = SimpleNamespace(defaults=QWEN_CHAT_DEFAULTS, max_window_size=6144,
+                              max_model_len=8192)
+SETTINGS = Settings(model="m", max_tokens_limit=2048)
+
+
+def req(**fields: Any) -> ChatCompletionRequest:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
+    return msgspec.convert(body, ChatCompletionRequest)
+
+
+def test_defaults_come_from_the_generation_config() -> None:
+    params = sampling_params(req(), BUNDLE, SETTINGS, prompt_len=100)
+    assert (params.temperature, params.top_p, params.top_k) == (1.0, 0.5, 0)
+    assert params.max_tokens == 512 and not params.greedy
+
+
+def test_greedy_checkpoint_defaults_to_temperature_zero() -> None:
+    greedy: Any = SimpleNamespace(
+        defaults=SamplingDefaults(False, 0.7, 1.0, 0, 1.0, 64),
+        max_window_size=6144, max_model_len=8192,
+    )
+    assert sampling_params(req(), greedy, SETTINGS, 10).greedy
+
+
+def test_request_fields_win() -> None:
+    params = sampling_params(
+        req(temperature=0, top_p=0.9, top_k=5, seed=3, stop="END", repetition_penalty=1.2,
+            max_completion_tokens=7, max_tokens=99),
+        BUNDLE, SETTINGS, prompt_len=100,
+    )
+    assert params.greedy and params.top_p == 0.9 and params.top_k == 5 and params.seed == 3
+    assert params.stop == ("END",) and params.repetition_penalty == 1.2
+    assert params.max_tokens == 7  # max_completion_tokens wins over the legacy max_tokens
+
+
+def test_default_max_tokens_shrinks_to_the_room_left() -> None:
+    short: Any = SimpleNamespace(defaults=QWEN_CHAT_DEFAULTS, max_window_size=6144,
+                                 max_model_len=6300)
+    assert sampling_params(req(), short, SETTINGS, prompt_len=6000).max_tokens == 300
+
+
+def test_limits() -> None:
+    with pytest.raises(ContextLengthExceededError) as info:
+        sampling_params(req(), BUNDLE, SETTINGS, prompt_len=7000)
+    assert info.value.param == "messages"
+    with pytest.raises(ContextLengthExceededError):
+        sampling_params(req(max_tokens=3000), BUNDLE, SETTINGS.replace(max_tokens_limit=4096),
+                        prompt_len=6144)
+    with pytest.raises(InvalidRequestError) as error:
+        sampling_params(req(max_tokens=5000), BUNDLE, SETTINGS, prompt_len=10)
+    assert error.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError) as error:
+        sampling_params(req(n=2), BUNDLE, SETTINGS, prompt_len=10)
+    assert error.value.param == "n"
