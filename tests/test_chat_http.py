@@ -265,3 +265,7 @@ def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_out_of_range_seed_is_400(server: ServerProcess) -> None:
+    assert_error(post(server, user("hi") | {"seed": 2**70}), 400, param="seed")
