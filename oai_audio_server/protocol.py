@@ -77,8 +77,8 @@ class ChatCompletionRequest(Struct, frozen=True):
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=0)] | None = None
     stop: str | list[str] | None = None
-    # torch generators take 64-bit seeds; anything else is a 400, not a crash.
-    seed: Annotated[int, Meta(ge=-(2**63), le=2**64 - 1)] | None = None
+    # torch generators take 64-bit seeds; larger ones are a 400, not a crash.
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
     n: Annotated[int, Meta(ge=1)] = 1
     # Accepted and ignored on purpose (see README): clients send them with every request.
