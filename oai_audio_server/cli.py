@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -109,6 +109,11 @@ def serve(settings: Settings) -> None:
     from oai_audio_server.http.app import create_app
     from oai_audio_server.runtime import create_runtime
 
+    # uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, so that the
+    # previous handler runs; make that handler a clean exit (status 0), which also covers
+    # a signal that arrives before uvicorn has installed its own handlers.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     app = create_app(create_runtime(settings))
     uvicorn.run(
         app,
@@ -116,14 +121,20 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         log_level="info",
+        log_config=None,  # keep our handlers (text or JSON lines) for uvicorn's loggers
+        access_log=False,  # the request log writes one richer line per request
     )
+
+
+def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from oai_audio_server.http.request_log import configure_logging
+
     settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(json_lines=settings.log_json)
     serve(settings)
 
 

@@ -35,6 +35,11 @@ class Settings:
         "else float16 on GPU, float32 on CPU).",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
+    cpu_threads: int = _setting(
+        0,
+        "Threads PyTorch may use on a CPU device; 0 = one fewer than the cores (at least 1), "
+        "so the HTTP side keeps a core and compute threads do not spin against it.",
+    )
     download_dir: str | None = _setting(
         None, "Where ModelScope downloads go (default: ModelScope's own cache)."
     )
@@ -59,13 +64,17 @@ class Settings:
     request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
     max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.")
     api_key: str | None = _setting(
-        None, "If set, every endpoint but /health needs this Bearer key."
+        None,
+        "If set, every endpoint but /health, /live, /docs and /openapi.json needs "
+        "'Authorization: Bearer KEY'.",
     )
     allowed_origins: tuple[str, ...] = _setting(
         (), "CORS origins allowed to call the API; comma-separated, * for any. Default: none."
     )
     shutdown_timeout: float = _setting(30.0, "Seconds in-flight requests may finish after SIGTERM.")
-    log_json: bool = _setting(False, "Write request logs as JSON lines.")
+    log_json: bool = _setting(
+        False, "Write logs as JSON lines (request lines carry their fields as keys)."
+    )
 
     @property
     def served_names(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from msgspec import UNSET, UnsetType
 from oai_audio_server.audio.intake import AudioIntake
 from oai_audio_server.audio.types import PreparedAudio
 from oai_audio_server.chat.messages import AudioBudget, to_conversation
+from oai_audio_server.chat.observer import GenerationObserver
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.types import (
     Failed,
@@ -60,6 +61,10 @@ class PreparedGeneration:
     generation: GenerationRequest
     prompt: Prompt
     model_name: str
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(s.end_seconds - s.start_seconds for s in self.prompt.audio_segments)
 
 
 def check_model(settings: Settings, requested: str) -> str:
@@ -182,13 +187,17 @@ class ChatService:
             ),
         )
 
-    async def complete(self, prepared: PreparedGeneration) -> ChatCompletion:
+    async def complete(
+        self, prepared: PreparedGeneration, observer: GenerationObserver | None = None
+    ) -> ChatCompletion:
         handle = self._runtime.engine.submit(prepared.generation)
         parts: list[str] = []
         try:
             while True:
                 event = await handle.next_event()
                 if isinstance(event, TextDelta):
+                    if observer is not None and not parts:
+                        observer.first_token()
                     parts.append(event.text)
                 elif isinstance(event, Failed):
                     raise event.error
@@ -196,6 +205,9 @@ class ChatService:
                     break
         finally:
             handle.cancel()  # a no-op once finished; stops the row if we were cancelled
+        usage = self._usage(prepared, event)
+        if observer is not None:
+            observer.finished(usage, prepared.audio_seconds)
         return ChatCompletion(
             id=prepared.generation.request_id,
             created=int(time.time()),
@@ -207,7 +219,7 @@ class ChatService:
                     finish_reason=event.reason,
                 )
             ],
-            usage=self._usage(prepared, event),
+            usage=usage,
         )
 
     def submit(self, prepared: PreparedGeneration) -> GenerationHandle:
@@ -220,6 +232,7 @@ class ChatService:
         handle: GenerationHandle,
         *,
         include_usage: bool,
+        observer: GenerationObserver | None = None,
     ) -> AsyncIterator[bytes]:
         """Server-sent events; an error after the stream started is a final error event."""
         created = int(time.time())
@@ -236,6 +249,7 @@ class ChatService:
             )
             return _sse(json_encoder.encode(body))
 
+        first = True
         try:
             yield chunk(ChunkDelta(role="assistant", content=""))
             while True:
@@ -245,11 +259,17 @@ class ChatService:
                     yield b": keep-alive\n\n"
                     continue
                 if isinstance(event, TextDelta):
+                    if observer is not None and first:
+                        observer.first_token()
+                    first = False
                     yield chunk(ChunkDelta(content=event.text))
                 elif isinstance(event, Failed):
                     yield _sse(json_encoder.encode(event.error.to_body()))
                     break
                 else:
+                    final_usage = self._usage(prepared, event)
+                    if observer is not None:
+                        observer.finished(final_usage, prepared.audio_seconds)
                     yield chunk(ChunkDelta(), event.reason)
                     if include_usage:
                         usage_chunk = ChatCompletionChunk(
@@ -257,7 +277,7 @@ class ChatService:
                             created=created,
                             model=prepared.model_name,
                             choices=[],
-                            usage=self._usage(prepared, event),
+                            usage=final_usage,
                         )
                         yield _sse(json_encoder.encode(usage_chunk))
                     break

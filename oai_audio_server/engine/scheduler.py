@@ -42,6 +42,20 @@ from oai_audio_server.errors import (
 
 logger = logging.getLogger(__name__)
 
+# Every counter exists from the start: stats() may read the dict from the event loop
+# while the worker updates it, and a dict that never changes size is safe to copy.
+COUNTERS = (
+    "prefills",
+    "decode_steps",
+    "prompt_tokens",
+    "completion_tokens",
+    "finished",
+    "failed",
+    "cancelled",
+    "rejected_overloaded",
+    "peak_batch_size",
+)
+
 T = TypeVar("T")
 
 
@@ -75,6 +89,44 @@ class RequestHandle:
             if isinstance(event, Finished | Failed):
                 return
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def put(self, event: GenerationEvent) -> None:
+        """Called on the handle's event loop."""
+        self._queue.put_nowait(event)
+
+
+def _deliver(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:
+    for handle, event in items:
+        handle.put(event)
+
+
+class Outbox:
+    """The events of one worker step, handed to each event loop in a single call: one
+    wake-up of the loop per step rather than one per token of every row (each wake-up is
+    a write to the loop's self-pipe, and a loop woken per token competes with the
+    worker for the CPU and the GIL)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[RequestHandle, GenerationEvent]] = []
+
+    def add(self, handle: RequestHandle, event: GenerationEvent) -> None:
+        self._items.append((handle, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, GenerationEvent]]] = {}
+        for handle, event in items:
+            by_loop.setdefault(handle.loop, []).append((handle, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                for handle, _ in events:
+                    handle.cancelled = True
+
 
 class BatchingEngine:
     def __init__(
@@ -94,7 +146,8 @@ class BatchingEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._batch_size = 0
-        self._counters: collections.Counter[str] = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
+        self._outbox = Outbox()  # touched by the worker thread only
 
     # ------------------------------------------------------------------ public
 
@@ -129,6 +182,8 @@ class BatchingEngine:
             raise NotReadyError("the model is not ready; retry shortly")
         handle = RequestHandle(request, asyncio.get_running_loop())
         with self._cond:
+            if len(self._waiting) >= self._max_queue:
+                self._sweep_waiting()  # a slot held by a gone client is free
             if len(self._waiting) >= self._max_queue:
                 self._counters["rejected_overloaded"] += 1
                 raise OverloadedError(
@@ -176,10 +231,14 @@ class BatchingEngine:
                     stepped = self._guarded(bundle, live, self._decode_step, bundle, batch)
                     batch = self._retire(batch) if stepped is not None else None
                 self._batch_size = len(batch.rows) if batch else 0
+                if self._batch_size > self._counters["peak_batch_size"]:
+                    self._counters["peak_batch_size"] = self._batch_size
+                self._outbox.flush()
         # shutting down: nobody will serve what is left
         for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
             self._fail(handle, NotReadyError("the server is shutting down"))
         self._waiting.clear()
+        self._outbox.flush()
 
     def _guarded(
         self,
@@ -203,10 +262,36 @@ class BatchingEngine:
 
     def _fail(self, handle: RequestHandle, error: APIError) -> None:
         self._counters["failed"] += 1
-        handle.emit(Failed(error))
+        self._emit(handle, Failed(error))
+
+    def _emit(self, handle: RequestHandle, event: GenerationEvent) -> None:
+        if threading.current_thread() is self._thread:
+            self._outbox.add(handle, event)  # delivered when the step ends
+        else:  # submit() sweeping the queue, on the event loop's thread
+            handle.emit(event)
+
+    def _sweep_waiting(self) -> None:
+        """Drop cancelled and timed-out requests from anywhere in the queue, so a client
+        that left or ran out of time neither holds a queue slot nor waits for its error
+        until a full batch drains. Caller holds the lock."""
+        now = time.monotonic()
+        keep: collections.deque[RequestHandle] = collections.deque()
+        for handle in self._waiting:
+            deadline = handle.request.deadline
+            if handle.cancelled:
+                self._counters["cancelled"] += 1
+            elif deadline is not None and now > deadline:
+                error = RequestTimeoutError("the request timed out waiting for the model")
+                self._fail(handle, error)
+            else:
+                keep.append(handle)
+        if len(keep) != len(self._waiting):
+            self._waiting.clear()
+            self._waiting.extend(keep)
 
     def _admit(self, batch: Batch | None, bundle: ModelBundle) -> list[RequestHandle]:
         """Pop the waiting requests that can start now. Caller holds the lock."""
+        self._sweep_waiting()
         now = time.monotonic()
         admitted: list[RequestHandle] = []
         running = len(batch.rows) if batch else 0
@@ -346,7 +431,7 @@ class BatchingEngine:
             return
         delta = row.text.push(token)
         if delta:
-            row.handle.emit(TextDelta(delta))
+            self._emit(row.handle, TextDelta(delta))
         if row.text.stopped:
             self._finish(row, "stop")
         elif len(row.generated) >= row.handle.request.sampling.max_tokens:
@@ -357,10 +442,11 @@ class BatchingEngine:
     def _finish(self, row: Row, reason: FinishReason) -> None:
         tail = row.text.finish()
         if tail:
-            row.handle.emit(TextDelta(tail))
+            self._emit(row.handle, TextDelta(tail))
         row.finished = True
         self._counters["finished"] += 1
-        row.handle.emit(
+        self._emit(
+            row.handle,
             Finished(
                 reason=reason,
                 prompt_tokens=len(row.handle.request.prompt_ids),

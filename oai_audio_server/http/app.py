@@ -8,8 +8,15 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from litestar import Litestar
 
+from oai_audio_server.http.auth import api_key_guard
+from oai_audio_server.http.cors import cors_config
+from oai_audio_server.http.docs import build_docs_routes, openapi_config
 from oai_audio_server.http.errors import handle_exception
+from oai_audio_server.http.metrics import ServerMetrics, build_metrics_routes
+from oai_audio_server.http.request_log import RequestTracker, log_request
 from oai_audio_server.http.routes import build_routes
+from oai_audio_server.http.transcription_routes import build_transcription_routes
+from oai_audio_server.http.tutorial_routes import build_tutorial_routes
 from oai_audio_server.runtime import Runtime
 
 
@@ -22,9 +29,22 @@ def create_app(runtime: Runtime) -> Litestar:
         finally:
             await anyio.to_thread.run_sync(runtime.close)
 
-    return Litestar(
-        route_handlers=build_routes(runtime),
+    settings = runtime.settings
+    metrics = ServerMetrics(runtime)
+    app = Litestar(
+        route_handlers=build_routes(runtime)
+        + build_tutorial_routes(runtime)
+        + build_metrics_routes(metrics)
+        + build_docs_routes()
+        + build_transcription_routes(runtime),
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=runtime.settings.max_body_bytes,
+        guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
+        cors_config=cors_config(settings),
+        openapi_config=openapi_config(settings),
+        logging_config=None,  # the CLI configures logging (text or JSON lines)
     )
+    # Outside Litestar's own stack, so unmatched routes and preflights are tracked too.
+    app.asgi_handler = RequestTracker(app.asgi_handler, sinks=[metrics.observe, log_request])
+    return app

@@ -12,6 +12,7 @@ from oai_audio_server.chat.service import ChatService
 from oai_audio_server.errors import NotReadyError
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
 from oai_audio_server.http.errors import decode_body, error_response
+from oai_audio_server.http.request_log import current_record
 from oai_audio_server.protocol import (
     ModelCard,
     ModelList,
@@ -43,15 +44,20 @@ def build_routes(runtime: Runtime) -> list[Any]:
         body = await request.body()
         chat_request = decode_body(body, chat_request_decoder)
         prepared = await chat.prepare(chat_request)
+        record = current_record(request.scope)  # gets tokens and TTFT for logs and metrics
         if chat_request.stream:
+            record.stream = True
             handle = chat.submit(prepared)
             options = chat_request.stream_options
             events = chat.stream(
-                prepared, handle, include_usage=bool(options and options.include_usage)
+                prepared,
+                handle,
+                include_usage=bool(options and options.include_usage),
+                observer=record,
             )
             return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            completion = await unless_disconnected(request, chat.complete(prepared))
+            completion = await unless_disconnected(request, chat.complete(prepared, record))
         except ClientDisconnected:
             return Response(content=b"", status_code=499)
         return json_response(completion)

@@ -47,3 +47,12 @@ def test_device_and_dtype_choice_with_cuda(monkeypatch: pytest.MonkeyPatch) -> N
     assert pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert pick_dtype("auto", torch.device("cuda:0")) == torch.float16
+
+
+def test_cpu_threads_keep_a_core_for_the_server() -> None:
+    from oai_audio_server.engine.loader import cpu_thread_count
+
+    assert cpu_thread_count(0, cores=2) == 1
+    assert cpu_thread_count(0, cores=1) == 1
+    assert cpu_thread_count(0, cores=16) == 15
+    assert cpu_thread_count(3, cores=16) == 3

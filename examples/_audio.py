@@ -1,0 +1,41 @@
+"""Shared by the examples: settings from the environment and a wav to send.
+
+Not part of the server; each example imports only this helper and its client library.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import sys
+import wave
+
+BASE_URL = os.environ.get("OAS_BASE_URL", "http://127.0.0.1:8000/v1")
+MODEL = os.environ.get("OAS_MODEL", "qwen-audio-chat")
+API_KEY = os.environ.get("OAS_API_KEY", "not-needed")
+
+
+def tone_wav(seconds: float = 1.5, frequency: float = 440.0, rate: int = 16000) -> bytes:
+    """A sine tone as 16-bit mono wav, so the examples run without any audio file."""
+    frames = b"".join(
+        struct.pack("<h", int(12000 * math.sin(2 * math.pi * frequency * i / rate)))
+        for i in range(int(seconds * rate))
+    )
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(frames)
+    return buffer.getvalue()
+
+
+def audio_from_argv(position: int = 1) -> tuple[bytes, str]:
+    """The audio file named on the command line (or OAS_AUDIO), else a generated tone."""
+    path = sys.argv[position] if len(sys.argv) > position else os.environ.get("OAS_AUDIO")
+    if path:
+        with open(path, "rb") as handle:
+            return handle.read(), path.rsplit(".", 1)[-1].lower()
+    return tone_wav(), "wav"

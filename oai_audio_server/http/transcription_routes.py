@@ -1,0 +1,164 @@
+"""Routes for /v1/audio/transcriptions and /v1/audio/translations.
+
+Multipart bodies (what OpenAI's SDK, subtitle tools and chat UIs send) are read with
+Litestar's form parser, under the app's request body limit; the upload's file name is
+only ever used for its extension, as a hint for the decoder. Open WebUI's JSON variant
+(``{"model", "language"?, "input_audio": {"data", "format"}}``) is accepted on
+``/v1/audio/transcriptions`` too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from litestar import Request, Response, post
+from litestar.datastructures import UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.response import Stream
+
+from oai_audio_server.errors import InvalidRequestError
+from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
+from oai_audio_server.http.errors import decode_body
+from oai_audio_server.http.routes import SSE_HEADERS
+from oai_audio_server.runtime import Runtime
+from oai_audio_server.transcription.formats import render
+from oai_audio_server.transcription.prompts import Task
+from oai_audio_server.transcription.protocol import (
+    TranscriptionOptions,
+    transcription_json_decoder,
+)
+from oai_audio_server.transcription.service import (
+    PreparedTranscription,
+    TranscriptionService,
+)
+
+_EXTENSION = re.compile(r"[a-z0-9]{1,8}")
+_MEDIA_SUBTYPES = {"mpeg": "mp3", "x-wav": "wav", "wave": "wav", "x-flac": "flac"}
+
+
+def format_hint(filename: str | None, content_type: str | None) -> str | None:
+    """A decoder hint from the file's extension or media type; never a path."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    if "." in name:
+        extension = name.rsplit(".", 1)[-1].lower()
+        if _EXTENSION.fullmatch(extension):
+            return extension
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    major, _, subtype = media_type.partition("/")
+    if major in ("audio", "video") and _EXTENSION.fullmatch(subtype):
+        return _MEDIA_SUBTYPES.get(subtype, subtype)
+    return None
+
+
+def _text_field(form: Any, name: str) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a text field, not a file", param=name)
+    return value
+
+
+async def _from_form(
+    service: TranscriptionService, request: Request[Any, Any, Any], task: Task
+) -> PreparedTranscription:
+    form = await request.form()
+    try:
+        granularities = [
+            *form.getall("timestamp_granularities[]", []),
+            *form.getall("timestamp_granularities", []),
+        ]
+        if not all(isinstance(value, str) for value in granularities):
+            raise InvalidRequestError(
+                "timestamp_granularities[] must be text fields",
+                param="timestamp_granularities",
+            )
+        options = TranscriptionOptions.from_fields(
+            task,
+            model=_text_field(form, "model"),
+            language=_text_field(form, "language") if task == "transcribe" else None,
+            prompt=_text_field(form, "prompt"),
+            response_format=_text_field(form, "response_format"),
+            temperature=_text_field(form, "temperature"),
+            stream=_text_field(form, "stream"),
+            timestamp_granularities=granularities,
+        )
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError(
+                "the file field is required: send the audio as a multipart/form-data "
+                "file part named 'file'",
+                param="file",
+            )
+        service.check(options)  # unknown model or model not ready: before reading audio
+        data = await upload.read()
+        hint = format_hint(upload.filename, upload.content_type)
+    finally:
+        for value in form.values():
+            if isinstance(value, UploadFile):
+                await value.close()
+    return await service.prepare_bytes(options, data, hint, param="file")
+
+
+async def _from_json(
+    service: TranscriptionService, request: Request[Any, Any, Any], task: Task
+) -> PreparedTranscription:
+    body = decode_body(await request.body(), transcription_json_decoder)
+    options = TranscriptionOptions.from_fields(
+        task,
+        model=body.model,
+        language=body.language,
+        prompt=body.prompt,
+        response_format=body.response_format,
+        temperature=body.temperature,
+        stream=body.stream,
+        timestamp_granularities=body.timestamp_granularities,
+    )
+    audio = body.input_audio
+    return await service.prepare_base64(options, audio.data, audio.format, param="input_audio")
+
+
+def build_transcription_routes(runtime: Runtime) -> list[Any]:
+    service = TranscriptionService(runtime.settings, runtime)
+
+    async def handle(request: Request[Any, Any, Any], task: Task) -> Response[Any]:
+        content_type, _ = request.content_type
+        if task == "transcribe" and content_type == "application/json":
+            prepared = await _from_json(service, request, task)
+        elif content_type in (RequestEncodingType.MULTI_PART, RequestEncodingType.URL_ENCODED):
+            prepared = await _from_form(service, request, task)
+        else:
+            raise InvalidRequestError(
+                "send the audio as multipart/form-data with a 'file' part"
+                + (" (or JSON with input_audio)" if task == "transcribe" else ""),
+                param="file",
+            )
+        handles = service.submit(prepared)
+        if prepared.options.stream:
+            events = service.stream(prepared, handles)
+            return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            result = await unless_disconnected(request, service.transcribe(prepared, handles))
+        except ClientDisconnected:
+            return Response(content=b"", status_code=499)
+        body = render(result, prepared.options.response_format)
+        return Response(content=body.content, status_code=200, media_type=body.media_type)
+
+    @post(
+        "/v1/audio/transcriptions",
+        status_code=200,
+        summary="Transcribe audio (OpenAI Whisper API shapes)",
+    )
+    async def transcriptions(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await handle(request, "transcribe")
+
+    @post(
+        "/v1/audio/translations",
+        status_code=200,
+        summary="Translate speech into English text (OpenAI Whisper API shapes)",
+    )
+    async def translations(request: Request[Any, Any, Any]) -> Response[Any]:
+        return await handle(request, "translate")
+
+    return [transcriptions, translations]

@@ -1,0 +1,317 @@
+"""Transcriptions and translations without HTTP: audio in, a transcript or SSE events out.
+
+Audio longer than 30 s arrives from the intake already cut into segments of at most
+30 s. Every segment becomes its own one-audio prompt and generation; all are submitted
+at once so the batching engine runs them side by side, and their texts are joined in
+order. Each segment yields at least one timed segment in the reply, more when the
+model wrote timestamp tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
+from oai_audio_server.chat.service import check_model
+from oai_audio_server.engine.loader import ModelBundle
+from oai_audio_server.engine.types import (
+    Failed,
+    Finished,
+    GenerationHandle,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from oai_audio_server.errors import (
+    APIError,
+    ContextLengthExceededError,
+    EngineError,
+    InvalidAudioError,
+)
+from oai_audio_server.protocol import json_encoder
+from oai_audio_server.qwen.prompt import QwenPromptBuilder
+from oai_audio_server.runtime import Runtime
+from oai_audio_server.settings import Settings
+from oai_audio_server.transcription.formats import TimedSegment, TranscriptResult
+from oai_audio_server.transcription.prompts import (
+    language_name,
+    segment_audio,
+    task_conversation,
+)
+from oai_audio_server.transcription.protocol import (
+    InputTokenDetails,
+    TranscriptionOptions,
+    TranscriptTextDeltaEvent,
+    TranscriptTextDoneEvent,
+    UsageTokens,
+)
+from oai_audio_server.transcription.timestamps import (
+    TextCleaner,
+    TimedSpan,
+    clean_text,
+    timed_spans,
+)
+
+KEEPALIVE_SECONDS = 15.0
+FRAMES_PER_SECOND = 100  # Whisper's "seek" counts 10 ms mel frames
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """One audio segment's generation."""
+
+    generation: GenerationRequest
+    segment: AudioSegmentFeatures
+    audio_tokens: int
+
+
+@dataclass(frozen=True)
+class PreparedTranscription:
+    options: TranscriptionOptions
+    audio: PreparedAudio
+    jobs: tuple[SegmentJob, ...]
+
+
+def _is_cjk(char: str) -> bool:
+    """Scripts written without spaces between words (and so between segments)."""
+    if not char:
+        return False
+    name = unicodedata.name(char, "")
+    return name.startswith(("CJK", "HIRAGANA", "KATAKANA", "THAI", "IDEOGRAPHIC"))
+
+
+def separator(left: str, right: str) -> str:
+    """What goes between the texts of two consecutive audio segments."""
+    if not left or not right or _is_cjk(left[-1]) or _is_cjk(right[0]):
+        return ""
+    return " "
+
+
+def join_segment_texts(texts: Iterable[str]) -> str:
+    joined = ""
+    for text in texts:
+        if text:
+            joined += separator(joined, text) + text
+    return joined
+
+
+def _sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+class TranscriptionService:
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self._settings = settings
+        self._runtime = runtime
+        self._builder: QwenPromptBuilder | None = None
+
+    def _prompt_builder(self, bundle: ModelBundle) -> QwenPromptBuilder:
+        if self._builder is None:
+            self._builder = QwenPromptBuilder(
+                bundle.tokenizer, max_window_size=bundle.max_window_size
+            )
+        return self._builder
+
+    def check(self, options: TranscriptionOptions) -> ModelBundle:
+        """Model name first (404), then readiness (503), before any audio is decoded."""
+        check_model(self._settings, options.model)
+        return self._runtime.engine.bundle
+
+    async def prepare_bytes(
+        self, options: TranscriptionOptions, data: bytes, format_hint: str | None, *, param: str
+    ) -> PreparedTranscription:
+        self.check(options)
+        try:
+            audio = await self._runtime.intake.from_bytes(data, format_hint)
+        except APIError as exc:
+            raise exc.with_param(param) from None
+        return self._prepare(options, audio, param)
+
+    async def prepare_base64(
+        self, options: TranscriptionOptions, data: str, format_hint: str | None, *, param: str
+    ) -> PreparedTranscription:
+        self.check(options)
+        try:
+            audio = await self._runtime.intake.from_base64(data, format_hint)
+        except APIError as exc:
+            raise exc.with_param(param) from None
+        return self._prepare(options, audio, param)
+
+    def _prepare(
+        self, options: TranscriptionOptions, audio: PreparedAudio, param: str
+    ) -> PreparedTranscription:
+        limit = self._settings.max_audio_seconds
+        if audio.duration_seconds > limit:
+            raise InvalidAudioError(
+                f"The audio is {audio.duration_seconds:.1f} s long, over the limit of "
+                f"{limit:g} s (max_audio_seconds).",
+                param=param,
+                code="audio_too_long",
+            )
+        bundle = self._runtime.engine.bundle
+        builder = self._prompt_builder(bundle)
+        deadline = time.monotonic() + self._settings.request_timeout
+        request_id = f"trsc-{uuid.uuid4().hex}"
+        jobs = []
+        for index, segment in enumerate(audio.segments):
+            conversation = task_conversation(
+                options.task,
+                segment_audio(audio, index),
+                language=options.language,
+                context=options.prompt,
+            )
+            prompt = builder.build(conversation)
+            generation = GenerationRequest(
+                request_id=f"{request_id}-{index}",
+                prompt_ids=prompt.token_ids,
+                audio=prompt.audio_segments,
+                sampling=self._sampling(bundle, len(prompt.token_ids), options.temperature),
+                deadline=deadline,
+            )
+            jobs.append(SegmentJob(generation, segment, prompt.audio_token_count))
+        return PreparedTranscription(options, audio, tuple(jobs))
+
+    def _sampling(self, bundle: ModelBundle, prompt_len: int, temperature: float) -> SamplingParams:
+        room = bundle.max_model_len - prompt_len
+        if prompt_len > bundle.max_window_size or room < 1:
+            raise ContextLengthExceededError(
+                f"the prompt is {prompt_len} tokens, more than the model's window; "
+                "send a shorter prompt",
+                param="prompt",
+            )
+        defaults = bundle.defaults
+        return SamplingParams(
+            max_tokens=min(defaults.max_new_tokens, self._settings.max_tokens_limit, room),
+            temperature=temperature,
+            top_p=defaults.top_p,
+            top_k=defaults.top_k,
+            repetition_penalty=defaults.repetition_penalty,
+        )
+
+    def submit(self, prepared: PreparedTranscription) -> list[GenerationHandle]:
+        """Queue every segment now (a full queue is a 429 before any reply starts)."""
+        engine = self._runtime.engine
+        handles: list[GenerationHandle] = []
+        try:
+            for job in prepared.jobs:
+                handles.append(engine.submit(job.generation))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
+
+    async def transcribe(
+        self, prepared: PreparedTranscription, handles: list[GenerationHandle]
+    ) -> TranscriptResult:
+        raws: list[str] = []
+        try:
+            for handle in handles:
+                parts: list[str] = []
+                while True:
+                    event = await handle.next_event()
+                    if isinstance(event, TextDelta):
+                        parts.append(event.text)
+                    elif isinstance(event, Failed):
+                        raise event.error
+                    else:
+                        break
+                raws.append("".join(parts))
+        finally:
+            for handle in handles:
+                handle.cancel()
+        return self.result(prepared, raws)
+
+    def result(self, prepared: PreparedTranscription, raws: list[str]) -> TranscriptResult:
+        """Texts and timed segments from each audio segment's raw model output."""
+        tokenizer = self._runtime.engine.bundle.tokenizer
+        segments: list[TimedSegment] = []
+        for job, raw in zip(prepared.jobs, raws, strict=True):
+            audio_segment = job.segment
+            length = audio_segment.end_seconds - audio_segment.start_seconds
+            spans = timed_spans(raw, length) or [TimedSpan(0.0, max(length, 0.0), "")]
+            for span in spans:
+                tokens = tokenizer.encode(span.text, allowed_special=set(), disallowed_special=())
+                segments.append(
+                    TimedSegment(
+                        start=audio_segment.start_seconds + span.start,
+                        end=audio_segment.start_seconds + span.end,
+                        text=span.text,
+                        tokens=tuple(tokens) if span.text else (),
+                        seek=round(audio_segment.start_seconds * FRAMES_PER_SECOND),
+                    )
+                )
+        options = prepared.options
+        return TranscriptResult(
+            task=options.task,
+            language=self._language(options),
+            duration=prepared.audio.duration_seconds,
+            text=join_segment_texts(clean_text(raw) for raw in raws),
+            segments=tuple(segments),
+            temperature=options.temperature,
+        )
+
+    @staticmethod
+    def _language(options: TranscriptionOptions) -> str:
+        if options.task == "translate":
+            return "english"
+        return language_name(options.language) if options.language else "unknown"
+
+    async def stream(
+        self, prepared: PreparedTranscription, handles: list[GenerationHandle]
+    ) -> AsyncIterator[bytes]:
+        """``transcript.text.delta`` events, then one ``transcript.text.done``; an error
+        after the stream started is one final ``{"error": ...}`` event."""
+        text = ""
+        input_tokens = output_tokens = 0
+
+        def delta_event(delta: str) -> bytes:
+            return _sse(json_encoder.encode(TranscriptTextDeltaEvent(delta=delta)))
+
+        try:
+            for handle in handles:
+                cleaner = TextCleaner()
+                segment_started = False
+                while True:
+                    try:
+                        event = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    if isinstance(event, Failed):
+                        raise event.error
+                    piece = cleaner.push(event.text) if isinstance(event, TextDelta) else ""
+                    if isinstance(event, Finished):
+                        piece += cleaner.finish()
+                        input_tokens += event.prompt_tokens
+                        output_tokens += event.completion_tokens
+                    if piece:
+                        if not segment_started:
+                            piece = separator(text, piece) + piece
+                            segment_started = True
+                        text += piece
+                        yield delta_event(piece)
+                    if isinstance(event, Finished):
+                        break
+            audio_tokens = sum(job.audio_tokens for job in prepared.jobs)
+            usage = UsageTokens(
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                total_tokens=input_tokens + output_tokens,
+                input_token_details=InputTokenDetails(
+                    audio_tokens=audio_tokens, text_tokens=max(0, input_tokens - audio_tokens)
+                ),
+            )
+            yield _sse(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
+        except APIError as exc:
+            yield _sse(json_encoder.encode(exc.to_body()))
+        except Exception as exc:  # never a bare broken stream
+            yield _sse(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
+        finally:
+            for handle in handles:
+                handle.cancel()  # client gone or stream done: the rows leave the batch

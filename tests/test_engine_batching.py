@@ -1,0 +1,363 @@
+"""The batching engine in-process: batched answers equal solo answers, rows join and
+leave a running batch, and cancellation, timeouts and a full queue behave."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import torch
+from media import tone, wav_bytes
+
+from oai_audio_server.audio.decode import decode_audio
+from oai_audio_server.audio.types import PreparedAudio
+from oai_audio_server.engine.loader import ModelBundle, load_bundle
+from oai_audio_server.engine.scheduler import BatchingEngine, RequestHandle
+from oai_audio_server.engine.types import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from oai_audio_server.errors import OverloadedError, RequestTimeoutError
+from oai_audio_server.qwen.conversation import AudioItem, Conversation, TextItem, UserItem
+from oai_audio_server.qwen.prompt import QwenPromptBuilder
+from oai_audio_server.settings import Settings
+
+T = TypeVar("T")
+RUN_TIMEOUT_SECONDS = 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's ops are far too small for intra-op threads: on a busy or small
+    machine spinning OpenMP workers make every step many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_checkpoint: Path) -> ModelBundle:
+    return load_bundle(Settings(model=str(tiny_checkpoint), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def builder(bundle: ModelBundle) -> QwenPromptBuilder:
+    return QwenPromptBuilder(bundle.tokenizer, max_window_size=bundle.max_window_size)
+
+
+@pytest.fixture(scope="module")
+def audio(bundle: ModelBundle) -> PreparedAudio:
+    samples = decode_audio(wav_bytes(tone(1.3, 330.0)), format_hint="wav", max_seconds=30)
+    return PreparedAudio(
+        digest="tone", duration_seconds=1.3, segments=(bundle.mel.extract(samples),)
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    end: Finished | Failed
+
+    @property
+    def finished(self) -> Finished:
+        assert isinstance(self.end, Finished), self.end
+        return self.end
+
+
+def run(work: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(work, RUN_TIMEOUT_SECONDS)
+
+    return asyncio.run(bounded())
+
+
+@contextmanager
+def engine_for(bundle: ModelBundle, **limits: int) -> Iterator[BatchingEngine]:
+    engine = BatchingEngine(lambda: bundle, **limits)
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not engine.ready:
+        assert time.monotonic() < deadline, "engine did not start"
+        time.sleep(0.01)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+async def collect(handle: RequestHandle) -> Outcome:
+    parts: list[str] = []
+    async for event in handle.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return Outcome("".join(parts), event)
+    raise AssertionError("event stream ended without Finished or Failed")
+
+
+async def wait_until(condition: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def solo(bundle: ModelBundle, requests: list[GenerationRequest]) -> list[Outcome]:
+    """Each request alone in an otherwise idle engine."""
+
+    async def one_by_one(engine: BatchingEngine) -> list[Outcome]:
+        return [await collect(engine.submit(request)) for request in requests]
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        outcomes = run(one_by_one(engine))
+        assert engine.stats()["peak_batch_size"] == 1
+    return outcomes
+
+
+def request(
+    builder: QwenPromptBuilder,
+    name: str,
+    *items: UserItem,
+    max_tokens: int = 32,
+    **sampling: object,
+) -> GenerationRequest:
+    prompt = builder.build(Conversation(query=tuple(items)))
+    params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})  # type: ignore[arg-type]
+    return GenerationRequest(name, prompt.token_ids, prompt.audio_segments, params)
+
+
+def varied_requests(
+    builder: QwenPromptBuilder, audio: PreparedAudio
+) -> list[GenerationRequest]:
+    """Different prompt lengths (text and audio) and different max_tokens."""
+    return [
+        request(builder, "long", TextItem("Say something"), max_tokens=160),
+        request(builder, "audio-q", AudioItem(audio), TextItem("What can you hear?"),
+                max_tokens=48),
+        request(builder, "hi", TextItem("hi"), max_tokens=64),
+        request(builder, "fox", TextItem("The quick brown fox jumps over the lazy dog. " * 3),
+                max_tokens=40),
+        request(builder, "audio-first", TextItem("Describe it"), AudioItem(audio),
+                max_tokens=90),
+        request(builder, "hello", TextItem("Hello"), max_tokens=120),
+        request(builder, "describe", TextItem("Describe it"), max_tokens=100),
+    ]
+
+
+def assert_same(batched: list[Outcome], alone: list[Outcome]) -> None:
+    for got, expected in zip(batched, alone, strict=True):
+        assert got.finished.token_ids == expected.finished.token_ids
+        assert got.text == expected.text
+        assert got.finished.reason == expected.finished.reason
+        assert got.finished.completion_tokens == len(got.finished.token_ids)
+
+
+def test_submitted_at_once_batched_greedy_equals_solo(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    requests = varied_requests(builder, audio)
+    alone = solo(bundle, requests)
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        batched = run(together(engine))
+        stats = engine.stats()
+    assert_same(batched, alone)
+    total = sum(len(o.finished.token_ids) for o in alone)
+    assert stats["completion_tokens"] == total
+    assert stats["peak_batch_size"] >= 2
+    # One decode step advances every row: far fewer steps than tokens.
+    assert stats["decode_steps"] < total / 2
+    assert stats["finished"] == len(requests) and stats["failed"] == 0
+
+
+def test_staggered_requests_join_a_running_batch(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    requests = varied_requests(builder, audio)
+    alone = solo(bundle, requests)
+    assert len(alone[0].finished.token_ids) == 160, "the first request must run throughout"
+
+    async def staggered(engine: BatchingEngine) -> tuple[list[Outcome], list[int]]:
+        tasks: list[asyncio.Task[Outcome]] = []
+        running_at_submit: list[int] = []
+        for r in requests:
+            running_at_submit.append(int(engine.stats()["batch_size"]))
+            prefills = engine.stats()["prefills"]
+            tasks.append(asyncio.create_task(collect(engine.submit(r))))
+            # The next one arrives after this one joined and decoded with the others (a
+            # prompt longer than the batch's cache waits until the cache has grown).
+            await wait_until(lambda p=prefills: engine.stats()["prefills"] > p, "a prefill")
+            steps = engine.stats()["decode_steps"]
+            await wait_until(lambda s=steps: engine.stats()["decode_steps"] >= s + 3,
+                             "decode steps")
+        return list(await asyncio.gather(*tasks)), running_at_submit
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        batched, running_at_submit = run(staggered(engine))
+        stats = engine.stats()
+    assert_same(batched, alone)
+    assert stats["prefills"] == len(requests)  # each one joined on its own
+    assert min(running_at_submit[1:]) >= 1  # ... while a batch was running
+    assert stats["peak_batch_size"] >= 4
+    total = sum(len(o.finished.token_ids) for o in alone)
+    assert stats["decode_steps"] < total / 2
+
+
+def test_mixed_sampling_parameters_in_one_batch(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    plain = request(builder, "probe", TextItem("Hello"), max_tokens=40)
+    (probe,) = solo(bundle, [plain])
+    # A stop string the greedy answer really contains, well inside it.
+    stop = probe.text[12:15]
+    assert len(stop) == 3 and probe.text.find(stop) > 0
+    requests = [
+        request(builder, "greedy", TextItem("Say something"), max_tokens=30),
+        request(builder, "top-p", TextItem("Say something"), max_tokens=45,
+                temperature=0.8, seed=7, top_p=0.9),
+        request(builder, "top-k", AudioItem(audio), TextItem("What is said?"), max_tokens=25,
+                temperature=1.2, seed=11, top_k=20),
+        request(builder, "penalty", TextItem("Hello"), max_tokens=35, repetition_penalty=1.3),
+        replace(plain, request_id="stop", sampling=replace(plain.sampling, stop=(stop,))),
+        request(builder, "everything", TextItem("hi"), max_tokens=50, temperature=0.7, seed=3,
+                top_p=0.5, top_k=50, repetition_penalty=1.1),
+    ]
+    alone = solo(bundle, requests)
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        batched = run(together(engine))
+        stats = engine.stats()
+    assert_same(batched, alone)
+    assert stats["peak_batch_size"] >= 2
+    by_id = {r.request_id: o for r, o in zip(requests, batched, strict=True)}
+    assert by_id["stop"].finished.reason == "stop"
+    assert stop not in by_id["stop"].text and by_id["stop"].text
+    assert by_id["greedy"].finished.reason == "length"
+    assert len(by_id["greedy"].finished.token_ids) == 30
+    lengths = {len(o.finished.token_ids) for o in batched}
+    assert len(lengths) >= 4  # every row stopped on its own
+    # Sampling really sampled: the seeded rows differ from greedy on the same prompt.
+    greedy_same_prompt = solo(bundle, [replace(requests[1], sampling=SamplingParams(45, 0.0))])
+    assert greedy_same_prompt[0].finished.token_ids != by_id["top-p"].finished.token_ids
+
+
+def test_a_cancelled_row_leaves_and_the_others_are_unchanged(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    keep_a = request(builder, "a", TextItem("Say something"), max_tokens=120)
+    doomed = request(builder, "b", TextItem("Hello"), max_tokens=500)
+    keep_c = request(builder, "c", AudioItem(audio), TextItem("What can you hear?"),
+                     max_tokens=60)
+    alone = solo(bundle, [keep_a, keep_c])
+
+    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], int]:
+        first = asyncio.create_task(collect(engine.submit(keep_a)))
+        handle = engine.submit(doomed)
+        third = asyncio.create_task(collect(engine.submit(keep_c)))
+        seen = 0
+        while seen < 3:
+            event = await handle.next_event()
+            assert isinstance(event, TextDelta)
+            seen += 1
+        handle.cancel()
+        outcomes = list(await asyncio.gather(first, third))
+        return outcomes, int(engine.stats()["completion_tokens"])
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        outcomes, completion_tokens = run(scenario(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["cancelled"] == 1 and stats["finished"] == 2
+    # The cancelled row stopped long before its 500 tokens.
+    assert completion_tokens - 180 < 200
+
+
+def test_cancelled_while_waiting_never_runs(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    running = request(builder, "running", TextItem("Say something"), max_tokens=150)
+    waiting = request(builder, "waiting", TextItem("hi"), max_tokens=20)
+
+    async def scenario(engine: BatchingEngine) -> Outcome:
+        first = asyncio.create_task(collect(engine.submit(running)))
+        await wait_until(lambda: engine.stats()["batch_size"] == 1, "the first row")
+        engine.submit(waiting).cancel()
+        return await first
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        outcome = run(scenario(engine))
+        stats = engine.stats()
+    assert outcome.finished.reason == "length"
+    assert stats["prefills"] == 1 and stats["cancelled"] == 1 and stats["queue_depth"] == 0
+
+
+def test_deadline_fails_a_running_row_and_a_waiting_one_on_time(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    long_running = request(builder, "long", TextItem("Hello"), max_tokens=600)
+    assert len(solo(bundle, [long_running])[0].finished.token_ids) == 600
+
+    async def scenario(engine: BatchingEngine) -> tuple[Outcome, Outcome, bool]:
+        first = asyncio.create_task(collect(engine.submit(long_running)))
+        await wait_until(lambda: engine.stats()["batch_size"] == 1, "the first row")
+        # Waits behind a batch of one: must fail at its deadline, not when the batch drains.
+        late = replace(long_running, request_id="late", deadline=time.monotonic() + 0.05)
+        queued = await collect(engine.submit(late))
+        still_running = not first.done()
+        running_late = replace(long_running, request_id="x", deadline=time.monotonic() + 0.1)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        # Also fails mid-generation once its deadline passes.
+        timed_out = await collect(engine.submit(running_late))
+        return queued, timed_out, still_running
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        queued, timed_out, still_running = run(scenario(engine))
+    for outcome in (queued, timed_out):
+        assert isinstance(outcome.end, Failed)
+        assert isinstance(outcome.end.error, RequestTimeoutError)
+        assert outcome.end.error.status == 408
+    assert still_running
+
+
+def test_full_queue_is_overloaded_with_retry_after(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    slow = request(builder, "slow", TextItem("Hello"), max_tokens=600)
+
+    async def scenario(engine: BatchingEngine) -> OverloadedError:
+        handles = [engine.submit(slow)]
+        await wait_until(lambda: engine.stats()["batch_size"] == 1, "the first row")
+        handles.append(engine.submit(slow))  # the one queue slot
+        try:
+            with pytest.raises(OverloadedError) as caught:
+                engine.submit(slow)
+            return caught.value
+        finally:
+            for handle in handles:
+                handle.cancel()
+
+    with engine_for(bundle, max_batch_size=1, max_queue=1) as engine:
+        error = run(scenario(engine))
+        stats = engine.stats()
+    assert error.status == 429 and error.headers["Retry-After"].isdigit()
+    assert error.to_body()["error"]["type"] == "rate_limit_error"
+    assert stats["rejected_overloaded"] == 1
