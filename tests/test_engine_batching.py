@@ -361,3 +361,44 @@ def test_full_queue_is_overloaded_with_retry_after(
     assert error.status == 429 and error.headers["Retry-After"].isdigit()
     assert error.to_body()["error"]["type"] == "rate_limit_error"
     assert stats["rejected_overloaded"] == 1
+
+
+def test_short_request_passes_a_longer_one_that_must_wait(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    """A prompt longer than the running cache waits for the cache to grow; a short one
+    queued behind it joins at once instead of waiting too. Both still equal solo runs."""
+    running = request(builder, "running", TextItem("hi"), max_tokens=200)
+    longer = request(builder, "longer", AudioItem(audio), TextItem("What can you hear?"),
+                     max_tokens=20)
+    short = request(builder, "short", TextItem("Hello"), max_tokens=20)
+    assert len(longer.prompt_ids) > len(running.prompt_ids) + 5
+    assert len(short.prompt_ids) <= len(running.prompt_ids)
+    alone = solo(bundle, [running, longer, short])
+
+    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], list[str]]:
+        order: list[str] = []
+
+        async def tracked(name: str, handle: RequestHandle) -> Outcome:
+            outcome = await collect(handle)
+            order.append(name)
+            prefills_when_done[name] = int(engine.stats()["prefills"])
+            return outcome
+
+        first = asyncio.create_task(tracked("running", engine.submit(running)))
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 1, "the first step")
+        with engine._cond:  # both queued in one go, the longer prompt first
+            later = [engine.submit(longer), engine.submit(short)]
+        rest = [asyncio.create_task(tracked(n, h)) for n, h in zip(("longer", "short"), later,
+                                                                   strict=True)]
+        outcomes = [await first, *[await task for task in rest]]
+        return outcomes, order
+
+    prefills_when_done: dict[str, int] = {}
+    with engine_for(bundle, max_batch_size=8) as engine:
+        batched, order = run(scenario(engine))
+    assert_same(batched, alone)
+    # The short one ran and finished before the longer one was even prefilled ...
+    assert prefills_when_done["short"] == 2
+    # ... and the longer one then joined the still running batch.
+    assert order == ["short", "longer", "running"]

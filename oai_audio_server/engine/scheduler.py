@@ -225,6 +225,7 @@ class BatchingEngine:
                     joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
                     if joined is not None:
                         batch = joined if batch is None else batch.extend(joined)
+                    self._outbox.flush()  # first tokens out now: time to first token
                 batch = self._retire(batch)
                 if batch is not None:
                     live = [row.handle for row in batch.rows]
@@ -290,38 +291,49 @@ class BatchingEngine:
             self._waiting.extend(keep)
 
     def _admit(self, batch: Batch | None, bundle: ModelBundle) -> list[RequestHandle]:
-        """Pop the waiting requests that can start now. Caller holds the lock."""
+        """Pop the waiting requests that can start now. Caller holds the lock.
+
+        With no batch running, the oldest requests start together (a long one alone).
+        With a batch running, the queue is scanned oldest first and every request that
+        can join now does. A request whose prompt is longer than the batch's cache is
+        passed over: the cache grows by one token a step, so it joins a few steps later,
+        ahead of anything younger. A request that can never join this batch (it would
+        end past the exact-batching length) stops the scan, so the batch drains and it
+        starts the next one: nothing waits forever.
+        """
         self._sweep_waiting()
-        now = time.monotonic()
-        admitted: list[RequestHandle] = []
-        running = len(batch.rows) if batch else 0
         limit = bundle.exact_batch_len
-        while self._waiting and running + len(admitted) < self._max_batch_size:
+        if batch is None:
+            return self._admit_fresh(limit)
+        if limit is not None and any(r.final_length_bound > limit for r in batch.rows):
+            return []  # a long row runs alone
+        room = self._max_batch_size - len(batch.rows)
+        admitted: list[RequestHandle] = []
+        for handle in list(self._waiting):
+            if len(admitted) >= room:
+                break
+            request = handle.request
+            prompt_len = len(request.prompt_ids)
+            if (
+                limit is not None
+                and max(prompt_len, batch.length) + request.sampling.max_tokens > limit
+            ):
+                break  # can never join this batch: let it drain
+            if prompt_len > batch.length:
+                continue  # joins once the cache has grown to its prompt length
+            admitted.append(handle)
+        for handle in admitted:
+            self._waiting.remove(handle)
+        return admitted
+
+    def _admit_fresh(self, limit: int | None) -> list[RequestHandle]:
+        admitted: list[RequestHandle] = []
+        while self._waiting and len(admitted) < self._max_batch_size:
             head = self._waiting[0]
-            request = head.request
-            if head.cancelled:
-                self._waiting.popleft()
-                continue
-            if request.deadline is not None and now > request.deadline:
-                self._waiting.popleft()
-                self._fail(head, RequestTimeoutError("the request timed out waiting for the model"))
-                continue
-            bound = len(request.prompt_ids) + request.sampling.max_tokens
+            bound = len(head.request.prompt_ids) + head.request.sampling.max_tokens
             alone = limit is not None and bound > limit  # long sequences run on their own
-            if batch is None:
-                if admitted and (alone or self._any_long(admitted, limit)):
-                    break
-            else:
-                if (
-                    alone
-                    or limit is not None
-                    and any(r.final_length_bound > limit for r in batch.rows)
-                ):
-                    break
-                if len(request.prompt_ids) > batch.length:
-                    break  # joins once the batch's cache has grown to its prompt length
-                if limit is not None and batch.length + request.sampling.max_tokens > limit:
-                    break
+            if admitted and (alone or self._any_long(admitted, limit)):
+                break
             admitted.append(self._waiting.popleft())
         return admitted
 
@@ -452,7 +464,7 @@ class BatchingEngine:
                 prompt_tokens=len(row.handle.request.prompt_ids),
                 completion_tokens=len(row.generated),
                 token_ids=list(row.generated),
-            )
+            ),
         )
 
     def _retire(self, batch: Batch | None) -> Batch | None:
