@@ -186,6 +186,24 @@ def test_metrics_after_requests(secured: ServerProcess) -> None:
     assert value(after, "oas_http_requests_total", route="/v1/models", status="401") >= 1
 
 
+def test_transcriptions_count_tokens_and_audio_seconds(secured: ServerProcess) -> None:
+    before = scrape(secured)
+    client = sdk(secured)
+    audio = ("clip.wav", wav_bytes(tone(3.0, 300.0)), "audio/wav")
+    text = client.audio.transcriptions.create(model=MODEL, file=audio).text
+    assert text, "the tiny model answers this clip with some text"
+    list(client.audio.transcriptions.create(model=MODEL, file=audio, stream=True))
+    after = scrape(secured)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("oas_audio_seconds_total") == pytest.approx(6.0)
+    assert grew("oas_prompt_tokens_total") > 2 * 75  # 3 s of audio is 75 audio tokens
+    assert grew("oas_completion_tokens_total") >= 2
+    assert grew("oas_time_to_first_token_seconds_count") >= 1
+
+
 # ---------------------------------------------------------------- request log
 
 

@@ -25,37 +25,48 @@ PREFIX = "oas"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 # Engine figures that are levels, not running totals.
-_ENGINE_GAUGES = {"queue_depth": "Requests waiting for the model.",
-                  "batch_size": "Sequences in the running batch."}
+_ENGINE_GAUGES = {
+    "queue_depth": "Requests waiting for the model.",
+    "batch_size": "Sequences in the running batch.",
+}
 
 
 class ServerMetrics:
     def __init__(self, runtime: Runtime) -> None:
         self.registry = CollectorRegistry()
         self._requests = Counter(
-            f"{PREFIX}_http_requests", "HTTP requests by method, route and status.",
-            ["method", "route", "status"], registry=self.registry,
+            f"{PREFIX}_http_requests",
+            "HTTP requests by method, route and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
         )
         self._latency = Histogram(
             f"{PREFIX}_http_request_duration_seconds",
             "Time from request arrival to the end of the response (whole stream).",
-            ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self._first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
             "Time from request arrival to the first answer text, for streamed and JSON replies.",
-            ["stream"], buckets=TTFT_BUCKETS, registry=self.registry,
+            ["stream"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
         )
         self._prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished answers (audio included).",
+            f"{PREFIX}_prompt_tokens",
+            "Prompt tokens of finished answers (audio included).",
             registry=self.registry,
         )
         self._completion_tokens = Counter(
-            f"{PREFIX}_completion_tokens", "Generated tokens of finished answers.",
+            f"{PREFIX}_completion_tokens",
+            "Generated tokens of finished answers.",
             registry=self.registry,
         )
         self._audio_seconds = Counter(
-            f"{PREFIX}_audio_seconds", "Seconds of audio in the prompts of finished answers.",
+            f"{PREFIX}_audio_seconds",
+            "Seconds of audio in the prompts of finished answers.",
             registry=self.registry,
         )
         self.registry.register(RuntimeCollector(runtime))
@@ -93,7 +104,8 @@ class RuntimeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         engine = self._runtime.engine
         yield GaugeMetricFamily(
-            f"{PREFIX}_model_ready", "1 once the model is loaded, 0 before.",
+            f"{PREFIX}_model_ready",
+            "1 once the model is loaded, 0 before.",
             value=1.0 if engine.ready else 0.0,
         )
         stats = engine.stats()
@@ -114,17 +126,20 @@ class RuntimeCollector(Collector):
             "audio_cache_hits": (intake.cache_hits, "Audios served from the feature cache."),
             "audio_cache_misses": (intake.cache_misses, "Feature cache lookups that missed."),
             "audio_shared_decodes": (
-                intake.shared_decodes, "Requests that shared another request's decode.",
+                intake.shared_decodes,
+                "Requests that shared another request's decode.",
             ),
         }
         for name, (value, help_text) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
         yield GaugeMetricFamily(
-            f"{PREFIX}_audio_cache_entries", "Audios in the feature cache.",
+            f"{PREFIX}_audio_cache_entries",
+            "Audios in the feature cache.",
             value=intake.cache_entries,
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}_audio_cache_bytes", "Bytes of features in the cache.",
+            f"{PREFIX}_audio_cache_bytes",
+            "Bytes of features in the cache.",
             value=intake.cache_bytes,
         )
 

@@ -43,15 +43,22 @@ class _PartBuilder:
 
 def parse_multipart(body: bytes, content_type: str | None) -> dict[str, FormPart]:
     """Form parts by field name (the first part wins when a name repeats)."""
+    parts: dict[str, FormPart] = {}
+    for part in parse_multipart_parts(body, content_type):
+        parts.setdefault(part.name, part)
+    return parts
+
+
+def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPart]:
+    """Every form part, in order (repeated names such as ``timestamp_granularities[]``)."""
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise InvalidRequestError(
-            "send the request as multipart/form-data (a 'file' part and an optional 'text' "
-            "field)",
+            "send the request as multipart/form-data (a 'file' part and an optional 'text' field)",
             code="invalid_content_type",
         )
-    parts: dict[str, FormPart] = {}
+    parts: list[FormPart] = []
     count = 0
     current = _PartBuilder()
 
@@ -84,8 +91,7 @@ def parse_multipart(body: bytes, content_type: str | None) -> dict[str, FormPart
         key = name.decode("utf-8", "replace")
         filename = params.get(b"filename")
         part_type = current.headers.get(b"content-type")
-        parts.setdefault(
-            key,
+        parts.append(
             FormPart(
                 name=key,
                 data=bytes(current.data),

@@ -1,8 +1,8 @@
 """Routes for /v1/audio/transcriptions and /v1/audio/translations.
 
-Multipart bodies (what OpenAI's SDK, subtitle tools and chat UIs send) are read with
-Litestar's form parser, under the app's request body limit; the upload's file name is
-only ever used for its extension, as a hint for the decoder. Open WebUI's JSON variant
+Multipart bodies (what OpenAI's SDK, subtitle tools and chat UIs send) are parsed in
+memory, under the app's request body limit; the upload's file name is only ever used
+for its extension, as a hint for the decoder. Open WebUI's JSON variant
 (``{"model", "language"?, "input_audio": {"data", "format"}}``) is accepted on
 ``/v1/audio/transcriptions`` too.
 """
@@ -13,13 +13,14 @@ import re
 from typing import Any
 
 from litestar import Request, Response, post
-from litestar.datastructures import UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.response import Stream
 
 from oai_audio_server.errors import InvalidRequestError
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
 from oai_audio_server.http.errors import decode_body
+from oai_audio_server.http.multipart_form import FormPart, parse_multipart_parts
+from oai_audio_server.http.request_log import current_record
 from oai_audio_server.http.routes import SSE_HEADERS
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.transcription.formats import render
@@ -51,54 +52,46 @@ def format_hint(filename: str | None, content_type: str | None) -> str | None:
     return None
 
 
-def _text_field(form: Any, name: str) -> str | None:
-    value = form.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequestError(f"{name} must be a text field, not a file", param=name)
-    return value
+def _text_field(parts: list[FormPart], name: str) -> str | None:
+    for part in parts:
+        if part.name == name:
+            if part.filename is not None:
+                raise InvalidRequestError(f"{name} must be a text field, not a file", param=name)
+            return part.text()
+    return None
 
 
 async def _from_form(
     service: TranscriptionService, request: Request[Any, Any, Any], task: Task
 ) -> PreparedTranscription:
-    form = await request.form()
-    try:
-        granularities = [
-            *form.getall("timestamp_granularities[]", []),
-            *form.getall("timestamp_granularities", []),
-        ]
-        if not all(isinstance(value, str) for value in granularities):
-            raise InvalidRequestError(
-                "timestamp_granularities[] must be text fields",
-                param="timestamp_granularities",
-            )
-        options = TranscriptionOptions.from_fields(
-            task,
-            model=_text_field(form, "model"),
-            language=_text_field(form, "language") if task == "transcribe" else None,
-            prompt=_text_field(form, "prompt"),
-            response_format=_text_field(form, "response_format"),
-            temperature=_text_field(form, "temperature"),
-            stream=_text_field(form, "stream"),
-            timestamp_granularities=granularities,
+    # The body is already capped by the app's size limit; parsing it in memory means no
+    # upload is ever spooled to a temporary file.
+    parts = parse_multipart_parts(await request.body(), request.headers.get("content-type"))
+    granularities = [
+        part.text()
+        for part in parts
+        if part.name in ("timestamp_granularities[]", "timestamp_granularities")
+    ]
+    options = TranscriptionOptions.from_fields(
+        task,
+        model=_text_field(parts, "model"),
+        language=_text_field(parts, "language") if task == "transcribe" else None,
+        prompt=_text_field(parts, "prompt"),
+        response_format=_text_field(parts, "response_format"),
+        temperature=_text_field(parts, "temperature"),
+        stream=_text_field(parts, "stream"),
+        timestamp_granularities=granularities,
+    )
+    upload = next((part for part in parts if part.name == "file"), None)
+    if upload is None or upload.filename is None:
+        raise InvalidRequestError(
+            "the file field is required: send the audio as a multipart/form-data "
+            "file part named 'file'",
+            param="file",
         )
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequestError(
-                "the file field is required: send the audio as a multipart/form-data "
-                "file part named 'file'",
-                param="file",
-            )
-        service.check(options)  # unknown model or model not ready: before reading audio
-        data = await upload.read()
-        hint = format_hint(upload.filename, upload.content_type)
-    finally:
-        for value in form.values():
-            if isinstance(value, UploadFile):
-                await value.close()
-    return await service.prepare_bytes(options, data, hint, param="file")
+    service.check(options)  # unknown model or model not ready: before reading audio
+    hint = format_hint(upload.filename, upload.content_type)
+    return await service.prepare_bytes(options, upload.data, hint, param="file")
 
 
 async def _from_json(
@@ -126,7 +119,7 @@ def build_transcription_routes(runtime: Runtime) -> list[Any]:
         content_type, _ = request.content_type
         if task == "transcribe" and content_type == "application/json":
             prepared = await _from_json(service, request, task)
-        elif content_type in (RequestEncodingType.MULTI_PART, RequestEncodingType.URL_ENCODED):
+        elif content_type == RequestEncodingType.MULTI_PART:
             prepared = await _from_form(service, request, task)
         else:
             raise InvalidRequestError(
@@ -135,11 +128,14 @@ def build_transcription_routes(runtime: Runtime) -> list[Any]:
                 param="file",
             )
         handles = service.submit(prepared)
+        record = current_record(request.scope)  # tokens and TTFT for logs and metrics
         if prepared.options.stream:
-            events = service.stream(prepared, handles)
+            events = service.stream(prepared, handles, observer=record)
             return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            result = await unless_disconnected(request, service.transcribe(prepared, handles))
+            result = await unless_disconnected(
+                request, service.transcribe(prepared, handles, observer=record)
+            )
         except ClientDisconnected:
             return Response(content=b"", status_code=499)
         body = render(result, prepared.options.response_format)

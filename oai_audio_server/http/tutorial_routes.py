@@ -163,4 +163,3 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
         return await answer(request, part, text or DEFAULT_QUESTION, "audio")
 
     return [tutorial_upload, tutorial_local_file]
-

@@ -133,8 +133,7 @@ def _granularities(values: list[str]) -> tuple[str, ...]:
     for value in values:
         if value not in TIMESTAMP_GRANULARITIES:
             raise InvalidRequestError(
-                "timestamp_granularities[] values must be 'segment' or 'word', "
-                f"not {value!r}",
+                f"timestamp_granularities[] values must be 'segment' or 'word', not {value!r}",
                 param="timestamp_granularities",
             )
     return tuple(values)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
+from oai_audio_server.chat.observer import GenerationObserver
 from oai_audio_server.chat.service import check_model
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.types import (
@@ -33,7 +34,7 @@ from oai_audio_server.errors import (
     EngineError,
     InvalidAudioError,
 )
-from oai_audio_server.protocol import json_encoder
+from oai_audio_server.protocol import Usage, json_encoder
 from oai_audio_server.qwen.prompt import QwenPromptBuilder
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
@@ -98,6 +99,22 @@ def join_segment_texts(texts: Iterable[str]) -> str:
         if text:
             joined += separator(joined, text) + text
     return joined
+
+
+def _report(
+    observer: GenerationObserver | None,
+    prepared: PreparedTranscription,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> None:
+    if observer is None:
+        return
+    usage = Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+    observer.finished(usage, prepared.audio.duration_seconds)
 
 
 def _sse(payload: bytes) -> bytes:
@@ -207,24 +224,33 @@ class TranscriptionService:
         return handles
 
     async def transcribe(
-        self, prepared: PreparedTranscription, handles: list[GenerationHandle]
+        self,
+        prepared: PreparedTranscription,
+        handles: list[GenerationHandle],
+        observer: GenerationObserver | None = None,
     ) -> TranscriptResult:
         raws: list[str] = []
+        prompt_tokens = completion_tokens = 0
         try:
             for handle in handles:
                 parts: list[str] = []
                 while True:
                     event = await handle.next_event()
                     if isinstance(event, TextDelta):
+                        if observer is not None and not raws and not parts:
+                            observer.first_token()
                         parts.append(event.text)
                     elif isinstance(event, Failed):
                         raise event.error
                     else:
+                        prompt_tokens += event.prompt_tokens
+                        completion_tokens += event.completion_tokens
                         break
                 raws.append("".join(parts))
         finally:
             for handle in handles:
                 handle.cancel()
+        _report(observer, prepared, prompt_tokens, completion_tokens)
         return self.result(prepared, raws)
 
     def result(self, prepared: PreparedTranscription, raws: list[str]) -> TranscriptResult:
@@ -263,7 +289,10 @@ class TranscriptionService:
         return language_name(options.language) if options.language else "unknown"
 
     async def stream(
-        self, prepared: PreparedTranscription, handles: list[GenerationHandle]
+        self,
+        prepared: PreparedTranscription,
+        handles: list[GenerationHandle],
+        observer: GenerationObserver | None = None,
     ) -> AsyncIterator[bytes]:
         """``transcript.text.delta`` events, then one ``transcript.text.done``; an error
         after the stream started is one final ``{"error": ...}`` event."""
@@ -294,6 +323,8 @@ class TranscriptionService:
                         if not segment_started:
                             piece = separator(text, piece) + piece
                             segment_started = True
+                        if observer is not None and not text:
+                            observer.first_token()
                         text += piece
                         yield delta_event(piece)
                     if isinstance(event, Finished):
@@ -307,6 +338,7 @@ class TranscriptionService:
                     audio_tokens=audio_tokens, text_tokens=max(0, input_tokens - audio_tokens)
                 ),
             )
+            _report(observer, prepared, input_tokens, output_tokens)
             yield _sse(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
         except APIError as exc:
             yield _sse(json_encoder.encode(exc.to_body()))
