@@ -72,10 +72,18 @@ class MelFeatureExtractor:
         count = int(samples_16k.shape[0])
         if count > MAX_SEGMENT_SAMPLES:
             raise ValueError(f"a segment holds at most {MAX_SEGMENT_SAMPLES} samples, got {count}")
-        padded = torch.zeros(MAX_SEGMENT_SAMPLES, dtype=torch.float32)
+        # Frames whose window lies wholly in the zero padding have zero power, so only
+        # the frames that touch real samples are transformed (plus enough zeros that the
+        # STFT's reflect padding at the end mirrors zeros, as it does on the full 30 s);
+        # the rest of the 3000 frames are filled with zero power. Same result, a fraction
+        # of the work for short audio.
+        computed = min(MAX_SEGMENT_SAMPLES, -(-(count + 2 * N_FFT) // HOP_LENGTH) * HOP_LENGTH)
+        padded = torch.zeros(computed, dtype=torch.float32)
         padded[:count] = torch.from_numpy(np.ascontiguousarray(samples_16k, dtype=np.float32))
         spectrum = torch.stft(padded, N_FFT, HOP_LENGTH, window=self._window, return_complex=True)
-        power = spectrum[..., :-1].abs() ** 2
+        frames = computed // HOP_LENGTH
+        power = torch.zeros(N_FFT // 2 + 1, N_FRAMES, dtype=torch.float32)
+        power[:, :frames] = spectrum[..., :frames].abs() ** 2
         mel = self._filters @ power
         log_mel = torch.clamp(mel, min=1e-10).log10()
         log_mel = torch.maximum(log_mel, log_mel.max() - 8.0)
