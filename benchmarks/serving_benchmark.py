@@ -241,9 +241,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="intra-op threads for the server and the in-process baseline "
-                        "(default: torch's own choice)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="CPU intra-op threads for the server (--cpu-threads) and the "
+                        "in-process baseline alike (default: the server's own rule, one "
+                        "fewer than the cores)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
 
@@ -253,20 +254,22 @@ def main() -> None:
         from tiny_model import build_tiny_checkpoint
 
         model_dir = build_tiny_checkpoint(work / "tiny", seed=0)
-    env = {}
-    if args.torch_threads:
-        env["OMP_NUM_THREADS"] = str(args.torch_threads)
-        import torch
+    import torch
 
-        torch.set_num_threads(args.torch_threads)
+    from oai_audio_server.engine.loader import cpu_thread_count
+
+    threads = cpu_thread_count(args.torch_threads)
+    torch.set_num_threads(threads)  # the in-process baselines get what the server gets
+    env: dict[str, str] = {}
 
     flags = ["--served-model-name", MODEL, "--device", args.device,
+             "--cpu-threads", str(threads),
              "--max-batch-size", str(max(8, *levels)), "--max-queue", str(4 * max(levels))]
     with running_server(model_dir, work, *flags, env=env) as server:
         prompts = pick_prompts(server, args.max_tokens, wanted=8)
         print(f"model {model_dir}, {len(prompts)} prompts that run to {args.max_tokens} "
-              f"tokens, device {args.device}, torch threads "
-              f"{args.torch_threads or 'default'}, cpus {os.cpu_count()}\n")
+              f"tokens, device {args.device}, CPU threads {threads}, "
+              f"cpus {os.cpu_count()}\n")
         asyncio.run(closed_loop(server, prompts, 2, 4, args.max_tokens))  # warm-up
         results = [asyncio.run(closed_loop(server, prompts, c, args.requests, args.max_tokens))
                    for c in levels]

@@ -98,9 +98,8 @@ def main() -> None:
     server_tmp = work / "server-tmp"
     server_tmp.mkdir()
     env = {"TMPDIR": str(server_tmp)}
-    if args.torch_threads:
-        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     flags = ["--served-model-name", MODEL, "--device", args.device,
+             "--cpu-threads", str(args.torch_threads),
              "--max-queue", str(4 * args.clients)]
     with running_server(model_dir, work, *flags, env=env) as server:
         pid = server.process.pid

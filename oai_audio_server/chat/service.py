@@ -22,6 +22,7 @@ from oai_audio_server.engine.types import (
     GenerationRequest,
     SamplingParams,
     TextDelta,
+    coalesce,
 )
 from oai_audio_server.errors import (
     APIError,
@@ -252,21 +253,24 @@ class ChatService:
         first = True
         try:
             yield chunk(ChunkDelta(role="assistant", content=""))
-            while True:
+            done = False
+            while not done:
                 try:
-                    event = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
+                    arrived = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                     continue
-                if isinstance(event, TextDelta):
-                    if observer is not None and first:
-                        observer.first_token()
-                    first = False
-                    yield chunk(ChunkDelta(content=event.text))
-                elif isinstance(event, Failed):
-                    yield _sse(json_encoder.encode(event.error.to_body()))
-                    break
-                else:
+                for event in coalesce([arrived, *handle.ready_events()]):
+                    if isinstance(event, TextDelta):
+                        if observer is not None and first:
+                            observer.first_token()
+                        first = False
+                        yield chunk(ChunkDelta(content=event.text))
+                        continue
+                    done = True
+                    if isinstance(event, Failed):
+                        yield _sse(json_encoder.encode(event.error.to_body()))
+                        break
                     final_usage = self._usage(prepared, event)
                     if observer is not None:
                         observer.finished(final_usage, prepared.audio_seconds)

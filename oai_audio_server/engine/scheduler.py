@@ -82,6 +82,13 @@ class RequestHandle:
     async def next_event(self) -> GenerationEvent:
         return await self._queue.get()
 
+    def ready_events(self) -> list[GenerationEvent]:
+        """Events already delivered, without waiting (for coalescing a stream's chunks)."""
+        events: list[GenerationEvent] = []
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
+
     async def events(self) -> AsyncIterator[GenerationEvent]:
         while True:
             event = await self._queue.get()

@@ -60,8 +60,22 @@ class Failed:
 GenerationEvent = TextDelta | Finished | Failed
 
 
+def coalesce(events: list[GenerationEvent]) -> list[GenerationEvent]:
+    """Adjacent text deltas joined: a client that falls behind gets fewer, larger chunks
+    instead of one per token (each chunk costs an encode and a write on both sides)."""
+    merged: list[GenerationEvent] = []
+    for event in events:
+        if isinstance(event, TextDelta) and merged and isinstance(merged[-1], TextDelta):
+            merged[-1] = TextDelta(merged[-1].text + event.text)
+        else:
+            merged.append(event)
+    return merged
+
+
 class GenerationHandle(Protocol):
     async def next_event(self) -> GenerationEvent: ...
+
+    def ready_events(self) -> list[GenerationEvent]: ...
 
     def events(self) -> AsyncIterator[GenerationEvent]: ...
 

@@ -44,3 +44,13 @@ def test_seeded_sampling_repeats_and_differs_by_seed() -> None:
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
+
+
+def test_coalesce_joins_adjacent_text_only() -> None:
+    from oai_audio_server.engine.types import Finished, TextDelta, coalesce
+
+    end = Finished("stop", 1, 2)
+    assert coalesce([TextDelta("a"), TextDelta("b"), end, TextDelta("c")]) == [
+        TextDelta("ab"), end, TextDelta("c")
+    ]
+    assert coalesce([]) == []
