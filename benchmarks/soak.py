@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="the server's --cpu-threads (0: its own default)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="oas-soak-"))
@@ -108,7 +109,12 @@ def main() -> None:
         rss_before, threads_before = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
         files_before = set(os.listdir(server_tmp))
         start = time.perf_counter()
-        errors = asyncio.run(run_requests(server, args.requests, args.clients))
+        errors: list[str] = []
+        rss_trace: list[int] = []  # RSS after each fifth of the run: a leak keeps climbing
+        for fifth in range(5):
+            share = args.requests * (fifth + 1) // 5 - args.requests * fifth // 5
+            errors += asyncio.run(run_requests(server, share, args.clients))
+            rss_trace.append(proc_status(pid, "VmRSS"))
         wall = time.perf_counter() - start
         time.sleep(0.5)
         rss_after, threads_after = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
@@ -125,6 +131,7 @@ def main() -> None:
         ("leaked temp files", str(len(leaked))),
         ("RSS after warm-up / at end", f"{rss_before / 1024:.1f} MiB / {rss_after / 1024:.1f} MiB"),
         ("RSS growth", f"{growth:+.2f} % (target < 5 %)"),
+        ("RSS after each fifth", " / ".join(f"{kib / 1024:.0f}" for kib in rss_trace) + " MiB"),
         ("threads after warm-up / at end", f"{threads_before} / {threads_after}"),
         ("engine at end", f"batch_size {health['batch_size']:.0f}, "
                           f"queue_depth {health['queue_depth']:.0f}, "
