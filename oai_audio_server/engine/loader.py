@@ -6,6 +6,8 @@ official README does, so any Qwen-Audio-Chat checkpoint (or fine-tune) works unc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -121,7 +123,23 @@ def _sampling_defaults(generation_config: Any) -> SamplingDefaults:
     )
 
 
+class _PrintsToLog(io.TextIOBase):
+    """The official remote code print()s while loading; as log records those lines keep
+    JSON-lines logs (--log-json) parseable."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                logger.info("remote code: %s", line.strip())
+        return len(text)
+
+
 def load_bundle(settings: Settings) -> ModelBundle:
+    with contextlib.redirect_stdout(_PrintsToLog()):
+        return _load_bundle(settings)
+
+
+def _load_bundle(settings: Settings) -> ModelBundle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = resolve_model_dir(settings.model, settings.download_dir)
