@@ -269,3 +269,12 @@ def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
 
 def test_out_of_range_seed_is_400(server: ServerProcess) -> None:
     assert_error(post(server, user("hi") | {"seed": 2**70}), 400, param="seed")
+
+
+def test_prompt_beyond_the_window_is_context_length_exceeded(server: ServerProcess) -> None:
+    """9 segments of 30 s are about 6800 audio tokens, past the 6144-token window: a 400
+    that says so, not a silently shortened question."""
+    long_audio = wav_bytes(tone(270.0, 300.0, rate=8000), rate=8000)
+    body = user([audio_part(long_audio), {"type": "text", "text": "Summarise it."}])
+    error = assert_error(post(server, body), 400, code="context_length_exceeded")
+    assert "tokens" in error["message"]
