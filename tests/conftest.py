@@ -29,7 +29,7 @@ def server(
     with running_server(
         tiny_checkpoint,
         tmp_path_factory.mktemp("logs"),
-        "--served-model-name", "qwen-audio-chat,whisper-1",
+        "--served-model-name", "qwen-audio-chat,whisper-1,qwen/Qwen-Audio-Chat",
         "--max-body-bytes", str(8 * 1024 * 1024),
     ) as process:
         yield process

@@ -31,7 +31,9 @@ def stream_text(client: openai.OpenAI, messages: list, **kwargs) -> tuple[str, l
 
 
 def test_models_lists_every_served_name(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["qwen-audio-chat", "whisper-1"]
+    assert [m.id for m in client.models.list()] == [
+        "qwen-audio-chat", "whisper-1", "qwen/Qwen-Audio-Chat"
+    ]
 
 
 def test_health_is_ready(server: ServerProcess) -> None:
@@ -278,3 +280,53 @@ def test_prompt_beyond_the_window_is_context_length_exceeded(server: ServerProce
     body = user([audio_part(long_audio), {"type": "text", "text": "Summarise it."}])
     error = assert_error(post(server, body), 400, code="context_length_exceeded")
     assert "tokens" in error["message"]
+
+
+# ---------------------------------------------------------------- found by review
+
+
+def test_tiny_temperature_or_penalty_neither_fails_nor_hurts_neighbours(
+    server: ServerProcess,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    odd = [{"temperature": 1e-300}, {"temperature": 5e-324}, {"repetition_penalty": 1e-300,
+                                                              "temperature": 1.0}]
+    bodies = [user("hi") | {"max_tokens": 8} | extra for extra in odd]
+    bodies += [user("hello") | {"max_tokens": 8, "temperature": 0}] * 3
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda b: post(server, b), bodies))
+    assert [r.status_code for r in replies] == [200] * len(bodies), [r.text for r in replies]
+
+
+def test_deep_or_non_utf8_json_is_400(server: ServerProcess) -> None:
+    depth = 100_000
+    nested = b'{"model": "m", "messages": [], "metadata": ' + b'{"a":' * depth + b"1"
+    nested += b"}" * (depth + 1)
+    assert_error(post(server, nested), 400)
+    raw = b'{"model": "qwen-audio-chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+    assert_error(post(server, raw), 400)
+
+
+def test_wav_with_an_unknown_codec_is_400(server: ServerProcess) -> None:
+    import struct
+
+    fmt = struct.pack("<HHIIHH", 0x1234, 1, 16000, 32000, 2, 16)
+    data = b"\0" * 3200
+    wav = (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16)
+           + fmt + b"data" + struct.pack("<I", len(data)) + data)
+    assert_error(post(server, user([audio_part(wav)])), 400, param="messages[0].content[0]",
+                 code="invalid_audio")
+
+
+def test_empty_user_content_is_400(server: ServerProcess) -> None:
+    assert_error(post(server, user([])), 400, param="messages[0].content")
+    assert_error(post(server, user(None)), 400, param="messages[0].content")
+
+
+def test_model_ids_with_a_slash_can_be_retrieved(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    assert client.models.retrieve("qwen/Qwen-Audio-Chat").id == "qwen/Qwen-Audio-Chat"
+    assert client.models.retrieve("whisper-1").id == "whisper-1"
+    assert_error(httpx.get(server.api_url + "/models/qwen/other"), 404, code="model_not_found")

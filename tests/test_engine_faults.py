@@ -99,3 +99,60 @@ def test_a_failing_newcomer_leaves_the_running_batch_alone(
     while engine.stats()["batch_size"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats()["batch_size"] == 0
+
+
+def test_a_fault_outside_the_model_calls_keeps_the_worker_alive(
+    engine: BatchingEngine, bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oai_audio_server.engine import batch as batch_module
+
+    calls = {"n": 0}
+    original = batch_module.Batch.extend
+
+    def extend_once_failing(self: Any, other: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory while joining")
+        return original(self, other)
+
+    monkeypatch.setattr(batch_module.Batch, "extend", extend_once_failing)
+    first = request([bundle.tokenizer.im_start_id, 40, 41, 42, 43, 44, 45, 46], 60)
+    joiner = request([bundle.tokenizer.im_start_id, 50, 51], 10)
+
+    async def scenario() -> tuple[list[GenerationEvent], list[GenerationEvent]]:
+        started = asyncio.Event()
+        running = asyncio.create_task(collect(engine, first, started))
+        await asyncio.wait_for(started.wait(), 60)
+        joined = await collect(engine, joiner)
+        return await running, joined
+
+    first_events, joiner_events = asyncio.run(scenario())
+    assert isinstance(joiner_events[-1], Failed)
+    assert isinstance(first_events[-1], Failed)  # it was in the batch that failed
+    later = asyncio.run(collect(engine, joiner))
+    assert isinstance(later[-1], Finished)  # the worker is still serving
+    assert engine.ready
+
+
+def test_a_group_needs_one_queue_slot(bundle: ModelBundle) -> None:
+    """A long transcription's segments are admitted together, even with --max-queue 1."""
+    engine = BatchingEngine(lambda: bundle, max_batch_size=2, max_queue=1)
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not engine.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        requests = [request([bundle.tokenizer.im_start_id, 60 + i], 5) for i in range(4)]
+
+        async def scenario() -> list[GenerationEvent]:
+            handles = engine.submit_group(requests)
+            ends = []
+            for handle in handles:
+                async for event in handle.events():
+                    ends.append(event)
+            return [e for e in ends if isinstance(e, Finished | Failed)]
+
+        ends = asyncio.run(scenario())
+        assert len(ends) == 4 and all(isinstance(e, Finished) for e in ends)
+    finally:
+        engine.close()

@@ -196,6 +196,7 @@ def test_content_types(server: ServerProcess, short_wav: bytes) -> None:
         )
         assert reply.status_code == 200, reply.text
         assert reply.headers["content-type"].startswith(media_type)
+        assert reply.headers["content-type"].count("charset") <= 1
 
 
 def test_language_prompt_and_granularities_are_accepted(
@@ -344,6 +345,17 @@ def assert_error(reply: httpx.Response, status: int, param: str | None,
 def test_missing_file(server: ServerProcess) -> None:
     assert_error(post_form(server, {"model": MODEL}, None), 400, "file")
     assert_error(post_form(server, {"model": MODEL}, None, "/audio/translations"), 400, "file")
+
+
+def test_granularities_need_verbose_json(server: ServerProcess, short_wav: bytes) -> None:
+    fields = {"model": MODEL, "timestamp_granularities[]": "word"}
+    assert_error(post_form(server, fields, short_wav), 400, "timestamp_granularities")
+
+
+def test_file_part_without_a_filename_is_read(server: ServerProcess, short_wav: bytes) -> None:
+    reply = httpx.post(server.api_url + "/audio/transcriptions", data={"model": MODEL},
+                       files={"file": (None, short_wav)}, timeout=60)
+    assert reply.status_code == 200, reply.text
 
 
 def test_bad_response_format(server: ServerProcess, short_wav: bytes) -> None:

@@ -131,6 +131,8 @@ def _decode_first_audio_stream(
         )
     stream = container.streams.audio[0]
     codec_context = stream.codec_context
+    if codec_context is None:
+        raise InvalidAudioError("The audio codec is not supported. " + _FIX_FORMATS)
     # Zero means "not known before decoding"; frames are checked again below.
     if codec_context.sample_rate:
         _check_rate_and_channels(codec_context.sample_rate, codec_context.channels)

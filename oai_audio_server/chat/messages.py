@@ -134,6 +134,11 @@ async def to_conversation(
                 param=f"{param}.role",
             )
         if role == "user":
+            if message.content is None or message.content == []:
+                raise InvalidRequestError(
+                    "a user message needs content: text, audio or both",
+                    param=f"{param}.content",
+                )
             items = await _user_items(message, param, load_audio, budget)
         else:
             items = [TextItem(_text_of(message, param))]

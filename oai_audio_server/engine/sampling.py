@@ -56,9 +56,14 @@ def next_token(
     """``logits``: float32 scores over the decodable vocabulary for one sequence."""
     if params.repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
         logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
+        # An extreme penalty can push scores to +-inf; keep them ordered and finite.
+        limit = torch.finfo(logits.dtype).max
+        logits = torch.nan_to_num(logits, nan=-limit, posinf=limit, neginf=-limit)
     if params.greedy or generator is None:
         return int(torch.argmax(logits).item())
-    logits = logits / params.temperature
+    # Shift so the best score is 0 before dividing: a tiny temperature then sends the
+    # others to -inf instead of overflowing every score to inf (and the softmax to NaN).
+    logits = (logits - logits.max()) / params.temperature
     logits = filter_top_k_top_p(logits, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())

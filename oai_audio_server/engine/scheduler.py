@@ -185,9 +185,16 @@ class BatchingEngine:
         return self._bundle
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue the generations of one client request (e.g. the 30 s segments of a long
+        transcription) together: one admission decision against --max-queue, so a long
+        file is never refused on an idle server for having more segments than slots."""
         if not self.ready:
             raise NotReadyError("the model is not ready; retry shortly")
-        handle = RequestHandle(request, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        handles = [RequestHandle(request, loop) for request in requests]
         with self._cond:
             if len(self._waiting) >= self._max_queue:
                 self._sweep_waiting()  # a slot held by a gone client is free
@@ -197,9 +204,9 @@ class BatchingEngine:
                     f"the server is busy ({self._max_queue} requests already waiting); "
                     "retry after the time given in Retry-After"
                 )
-            self._waiting.append(handle)
+            self._waiting.extend(handles)
             self._cond.notify_all()
-        return handle
+        return handles
 
     def stats(self) -> dict[str, float]:
         return {
@@ -227,17 +234,24 @@ class BatchingEngine:
                         self._cond.wait(timeout=1.0)
                     if self._stopping:
                         break
-                    admitted = self._admit(batch, bundle)
-                if admitted:
-                    joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
-                    if joined is not None:
-                        batch = joined if batch is None else batch.extend(joined)
-                    self._outbox.flush()  # first tokens out now: time to first token
-                batch = self._retire(batch)
-                if batch is not None:
-                    live = [row.handle for row in batch.rows]
-                    stepped = self._guarded(bundle, live, self._decode_step, bundle, batch)
-                    batch = self._retire(batch) if stepped is not None else None
+                    try:
+                        admitted = self._admit(batch, bundle)
+                    except Exception:  # never let the worker die with requests queued
+                        logger.exception("admission failed")
+                        admitted = []
+                try:
+                    batch = self._step(bundle, batch, admitted)
+                except Exception as exc:
+                    # Outside the guarded model calls (joining or filtering the cache can
+                    # run out of memory): fail what was in flight, keep the worker alive.
+                    logger.exception("engine step failed")
+                    error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+                    rows = [r.handle for r in (batch.rows if batch else []) if not r.finished]
+                    for handle in {id(h): h for h in rows + admitted}.values():
+                        self._fail(handle, error)
+                    batch = None
+                    if bundle.device.type == "cuda":
+                        torch.cuda.empty_cache()
                 self._batch_size = len(batch.rows) if batch else 0
                 if self._batch_size > self._counters["peak_batch_size"]:
                     self._counters["peak_batch_size"] = self._batch_size
@@ -247,6 +261,22 @@ class BatchingEngine:
             self._fail(handle, NotReadyError("the server is shutting down"))
         self._waiting.clear()
         self._outbox.flush()
+
+    def _step(
+        self, bundle: ModelBundle, batch: Batch | None, admitted: list[RequestHandle]
+    ) -> Batch | None:
+        """Prefill the admitted requests into the batch, then one decode step for all."""
+        if admitted:
+            joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
+            if joined is not None:
+                batch = joined if batch is None else batch.extend(joined)
+            self._outbox.flush()  # first tokens out now: time to first token
+        batch = self._retire(batch)
+        if batch is not None:
+            live = [row.handle for row in batch.rows]
+            stepped = self._guarded(bundle, live, self._decode_step, bundle, batch)
+            batch = self._retire(batch) if stepped is not None else None
+        return batch
 
     def _guarded(
         self,
@@ -439,7 +469,13 @@ class BatchingEngine:
                     request.prompt_ids + row.generated, dtype=torch.long, device=logits.device
                 )
                 seen = seen[seen < logits.shape[1]]
-            token = next_token(logits[i], sampling, seen_ids=seen, generator=row.generator)
+            try:
+                token = next_token(logits[i], sampling, seen_ids=seen, generator=row.generator)
+            except Exception as exc:  # this row's parameters: its own failure only
+                logger.exception("sampling failed for %s", request.request_id)
+                row.finished = True
+                self._fail(row.handle, EngineError(f"sampling failed: {exc}"))
+                continue
             self._accept(bundle, row, token)
 
     def _accept(self, bundle: ModelBundle, row: Row, token: int) -> None:

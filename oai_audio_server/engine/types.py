@@ -9,6 +9,8 @@ from typing import Literal, Protocol
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.errors import APIError
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,7 +24,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, sampling is argmax anyway, and float32 would round the temperature
+        # to 0 (a division by zero).
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -89,5 +93,7 @@ class Engine(Protocol):
     def ready(self) -> bool: ...
 
     def submit(self, request: GenerationRequest) -> GenerationHandle: ...
+
+    def submit_group(self, requests: list[GenerationRequest]) -> list[GenerationHandle]: ...
 
     def stats(self) -> dict[str, float]: ...

@@ -43,6 +43,10 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
         return decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise validation_error(exc) from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError("the request body is not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body's JSON is nested too deeply") from None
 
 
 def error_response(error: APIError) -> Response[Any]:

@@ -67,11 +67,13 @@ def build_routes(runtime: Runtime) -> list[Any]:
         cards = [ModelCard(id=name, created=started) for name in settings.served_names]
         return json_response(ModelList(data=cards))
 
-    @get("/v1/models/{model_id:str}", summary="Describe the served model")
+    @get("/v1/models/{model_id:path}", summary="Describe the served model")
     async def get_model(model_id: str) -> Response[bytes]:
         from oai_audio_server.chat.service import check_model
 
-        return json_response(ModelCard(id=check_model(settings, model_id), created=started))
+        # A path parameter, so ids with a slash (qwen/Qwen-Audio-Chat) work.
+        name = check_model(settings, model_id.lstrip("/"))
+        return json_response(ModelCard(id=name, created=started))
 
     @get("/health", summary="Readiness: 200 once the model is loaded, 503 before")
     async def health() -> Response[Any]:

@@ -83,7 +83,7 @@ async def _from_form(
         timestamp_granularities=granularities,
     )
     upload = next((part for part in parts if part.name == "file"), None)
-    if upload is None or upload.filename is None:
+    if upload is None:
         raise InvalidRequestError(
             "the file field is required: send the audio as a multipart/form-data "
             "file part named 'file'",

@@ -132,7 +132,7 @@ def render(result: TranscriptResult, response_format: ResponseFormat) -> Rendere
     if response_format == "verbose_json":
         return RenderedBody(json_encoder.encode(verbose_json(result)), "application/json")
     if response_format == "srt":
-        return RenderedBody(srt(result).encode("utf-8"), "text/plain; charset=utf-8")
+        return RenderedBody(srt(result).encode("utf-8"), "text/plain")
     if response_format == "vtt":
-        return RenderedBody(vtt(result).encode("utf-8"), "text/vtt; charset=utf-8")
-    return RenderedBody((result.text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
+        return RenderedBody(vtt(result).encode("utf-8"), "text/vtt")  # Litestar adds the charset
+    return RenderedBody((result.text + "\n").encode("utf-8"), "text/plain")

@@ -67,15 +67,22 @@ class TranscriptionOptions(Struct, frozen=True):
     ) -> TranscriptionOptions:
         if not model or not model.strip():
             raise InvalidRequestError("the model field is required", param="model")
+        granularities = _granularities(timestamp_granularities or [])
+        response = _response_format(response_format)
+        if granularities and response != "verbose_json":
+            raise InvalidRequestError(
+                "timestamp_granularities[] needs response_format verbose_json",
+                param="timestamp_granularities",
+            )
         return cls(
             task=task,
             model=model.strip(),
             language=_language(language) if task == "transcribe" else None,
             prompt=prompt or None,
-            response_format=_response_format(response_format),
+            response_format=response,
             temperature=_temperature(temperature),
             stream=_boolean(stream, "stream"),
-            timestamp_granularities=_granularities(timestamp_granularities or []),
+            timestamp_granularities=granularities,
         )
 
 

@@ -211,17 +211,10 @@ class TranscriptionService:
         )
 
     def submit(self, prepared: PreparedTranscription) -> list[GenerationHandle]:
-        """Queue every segment now (a full queue is a 429 before any reply starts)."""
+        """Queue every segment now, as one admission (a full queue is a 429 before any reply
+        starts, and a long file never needs more free slots than a short one)."""
         engine = self._runtime.engine
-        handles: list[GenerationHandle] = []
-        try:
-            for job in prepared.jobs:
-                handles.append(engine.submit(job.generation))
-        except BaseException:
-            for handle in handles:
-                handle.cancel()
-            raise
-        return handles
+        return list(engine.submit_group([job.generation for job in prepared.jobs]))
 
     async def transcribe(
         self,
