@@ -124,8 +124,25 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     return Sample(ttft if ttft is not None else latency, latency, tokens)
 
 
+async def one_json_request(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> Sample:
+    """A non-streamed request: like model.chat, the answer arrives whole (no TTFT)."""
+    start = time.perf_counter()
+    reply = await client.post(url, json=body)
+    if reply.status_code != 200:
+        raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]!r}")
+    latency = time.perf_counter() - start
+    return Sample(latency, latency, reply.json()["usage"]["completion_tokens"])
+
+
 async def closed_loop(
-    server: ServerProcess, prompts: list[str], concurrency: int, requests: int, max_tokens: int
+    server: ServerProcess,
+    prompts: list[str],
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    stream: bool = True,
 ) -> LevelResult:
     url = server.api_url + "/chat/completions"
     samples: list[Sample] = []
@@ -137,9 +154,10 @@ async def closed_loop(
         while next_index < requests:
             index = next_index
             next_index += 1
-            body = chat_body(prompts[index % len(prompts)], max_tokens, stream=True)
+            body = chat_body(prompts[index % len(prompts)], max_tokens, stream=stream)
+            send = one_request if stream else one_json_request
             try:
-                samples.append(await one_request(client, url, body))
+                samples.append(await send(client, url, body))
             except Exception as exc:  # counted and reported, never hidden
                 errors += 1
                 print(f"  request {index} failed: {exc}", file=sys.stderr)
@@ -203,7 +221,10 @@ def in_process_baselines(
     return InProcess(latencies, best, tokens)
 
 
-def print_report(results: list[LevelResult], base: InProcess, max_tokens: int) -> None:
+def print_report(
+    results: list[LevelResult], base: InProcess, max_tokens: int, mode: str
+) -> None:
+    print(f"{mode}:")
     header = (f"| {'clients':>7} | {'requests':>8} | {'errors':>6} | {'req/s':>7} | "
               f"{'tokens/s':>9} | {'TTFT p50':>9} | {'TTFT p95':>9} | {'lat p50':>8} | "
               f"{'lat p95':>8} |")
@@ -219,6 +240,8 @@ def print_report(results: list[LevelResult], base: InProcess, max_tokens: int) -
     chat_p50 = statistics.median(base.chat_latencies) * 1000
     batch_tps = base.batch8_tokens / base.batch8_seconds
     print()
+    if mode.startswith("json"):
+        print("(non-streamed: TTFT columns show the whole answer's latency)")
     print(f"in-process model.chat (sequential, greedy, {max_tokens} tokens): "
           f"latency p50 {chat_p50:.1f} ms over {len(base.chat_latencies)} calls")
     print(f"in-process model.generate batch 8 (left padding): {base.batch8_tokens} tokens in "
@@ -271,11 +294,19 @@ def main() -> None:
               f"tokens, device {args.device}, CPU threads {threads}, "
               f"cpus {os.cpu_count()}\n")
         asyncio.run(closed_loop(server, prompts, 2, 4, args.max_tokens))  # warm-up
-        results = [asyncio.run(closed_loop(server, prompts, c, args.requests, args.max_tokens))
-                   for c in levels]
+        results = {
+            mode: [
+                asyncio.run(closed_loop(server, prompts, c, args.requests, args.max_tokens,
+                                        stream=(mode == "streaming")))
+                for c in levels
+            ]
+            for mode in ("streaming", "json (not streamed)")
+        }
         base = in_process_baselines(model_dir, args.device, prompts, args.max_tokens,
                                     repeats=min(args.requests, 16))
-    print_report(results, base, args.max_tokens)
+    for mode, level_results in results.items():
+        print_report(level_results, base, args.max_tokens, mode)
+        print()
 
 
 if __name__ == "__main__":

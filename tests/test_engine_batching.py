@@ -402,3 +402,37 @@ def test_short_request_passes_a_longer_one_that_must_wait(
     assert prefills_when_done["short"] == 2
     # ... and the longer one then joined the still running batch.
     assert order == ["short", "longer", "running"]
+
+
+def test_no_join_into_a_cache_that_is_mostly_padding(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """The shared cache length only grows. After the oldest row has left, a newcomer
+    joining a far longer cache would make it mostly padding: it waits for the batch to
+    drain instead (and still answers exactly as alone)."""
+    first = request(builder, "first", TextItem("Go on"), max_tokens=45)
+    second = request(builder, "second", TextItem("Why?"), max_tokens=90)
+    late = request(builder, "late", TextItem("Hello"), max_tokens=10)
+    alone = solo(bundle, [first, second, late])
+    assert [len(o.finished.token_ids) for o in alone[:2]] == [45, 90]
+    assert len(second.prompt_ids) < 38  # so it joins with more padding than prompt
+
+    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], list[int]]:
+        tasks = [asyncio.create_task(collect(engine.submit(first)))]
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 38, "38 steps")
+        tasks.append(asyncio.create_task(collect(engine.submit(second))))
+        # The first row has left; the second uses well under half of the shared cache.
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 55, "55 steps")
+        tasks.append(asyncio.create_task(collect(engine.submit(late))))
+        prefills = []
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            prefills.append(int(engine.stats()["prefills"]))
+        return [await task for task in tasks], prefills
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        outcomes, prefills_meanwhile = run(scenario(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert prefills_meanwhile == [2, 2, 2]  # the second row still runs; the late one waits
+    assert stats["prefills"] == 3 and stats["peak_batch_size"] == 2

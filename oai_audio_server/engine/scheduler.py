@@ -58,6 +58,10 @@ COUNTERS = (
 
 T = TypeVar("T")
 
+# A request joins a running batch only while at least this share of the batch's cache
+# (rows x shared length) holds real tokens rather than left padding.
+MIN_CACHE_FILL = 0.5
+
 
 class RequestHandle:
     """The service's side of one request: an async stream of events, and cancel()."""
@@ -346,6 +350,8 @@ class BatchingEngine:
             return []  # a long row runs alone
         room = self._max_batch_size - len(batch.rows)
         admitted: list[RequestHandle] = []
+        rows = len(batch.rows)
+        used = sum(len(r.handle.request.prompt_ids) + len(r.generated) for r in batch.rows)
         for handle in list(self._waiting):
             if len(admitted) >= room:
                 break
@@ -358,7 +364,14 @@ class BatchingEngine:
                 break  # can never join this batch: let it drain
             if prompt_len > batch.length:
                 continue  # joins once the cache has grown to its prompt length
+            if used + prompt_len < MIN_CACHE_FILL * (rows + 1) * batch.length:
+                # The shared cache length only grows while the batch runs; joining now
+                # would leave most of every row's cache as padding, which every later
+                # step and prefill pays for. Let the batch drain and start afresh.
+                break
             admitted.append(handle)
+            rows += 1
+            used += prompt_len
         for handle in admitted:
             self._waiting.remove(handle)
         return admitted
