@@ -10,6 +10,7 @@ from collections.abc import Callable
 from oai_audio_server.audio.intake import AudioIntake
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
 from oai_audio_server.engine.scheduler import BatchingEngine
+from oai_audio_server.qwen.prompt import QwenPromptBuilder
 from oai_audio_server.settings import Settings
 
 
@@ -22,12 +23,22 @@ class Runtime:
             max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="oas-audio"
         )
         self._intake: AudioIntake | None = None
+        self._prompt_builder: QwenPromptBuilder | None = None
 
     @property
     def intake(self) -> AudioIntake:
         if self._intake is None:
             self._intake = AudioIntake(self.settings, self.engine.bundle.mel, self._audio_pool)
         return self._intake
+
+    @property
+    def prompt_builder(self) -> QwenPromptBuilder:
+        if self._prompt_builder is None:
+            bundle = self.engine.bundle
+            self._prompt_builder = QwenPromptBuilder(
+                bundle.tokenizer, max_window_size=bundle.max_window_size
+            )
+        return self._prompt_builder
 
     def start(self) -> None:
         self.engine.start()

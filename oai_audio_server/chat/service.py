@@ -47,11 +47,11 @@ from oai_audio_server.protocol import (
     json_encoder,
 )
 from oai_audio_server.qwen.conversation import Conversation
-from oai_audio_server.qwen.prompt import Prompt, QwenPromptBuilder
+from oai_audio_server.qwen.prompt import Prompt
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
+from oai_audio_server.sse import KEEPALIVE, KEEPALIVE_SECONDS, sse_event
 
-KEEPALIVE_SECONDS = 15.0
 MAX_STOP_STRINGS = 16
 
 
@@ -133,22 +133,10 @@ def sampling_params(
     )
 
 
-def _sse(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
-
-
 class ChatService:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self._settings = settings
         self._runtime = runtime
-        self._builder: QwenPromptBuilder | None = None
-
-    def _prompt_builder(self, bundle: ModelBundle) -> QwenPromptBuilder:
-        if self._builder is None:
-            self._builder = QwenPromptBuilder(
-                bundle.tokenizer, max_window_size=bundle.max_window_size
-            )
-        return self._builder
 
     async def _load_audio(self, part: InputAudioPart | AudioURLPart) -> PreparedAudio:
         intake: AudioIntake = self._runtime.intake
@@ -167,7 +155,7 @@ class ChatService:
         model_name = check_model(self._settings, request.model)
         bundle = self._runtime.engine.bundle
         conversation = await self.conversation(request)
-        prompt = self._prompt_builder(bundle).build(conversation)
+        prompt = self._runtime.prompt_builder.build(conversation)
         sampling = sampling_params(request, bundle, self._settings, len(prompt.token_ids))
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -248,7 +236,7 @@ class ChatService:
                 choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
                 usage=usage,
             )
-            return _sse(json_encoder.encode(body))
+            return sse_event(json_encoder.encode(body))
 
         first = True
         try:
@@ -258,7 +246,7 @@ class ChatService:
                 try:
                     arrived = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
                 except TimeoutError:
-                    yield b": keep-alive\n\n"
+                    yield KEEPALIVE
                     continue
                 for event in coalesce([arrived, *handle.ready_events()]):
                     if isinstance(event, TextDelta):
@@ -269,7 +257,7 @@ class ChatService:
                         continue
                     done = True
                     if isinstance(event, Failed):
-                        yield _sse(json_encoder.encode(event.error.to_body()))
+                        yield sse_event(json_encoder.encode(event.error.to_body()))
                         break
                     final_usage = self._usage(prepared, event)
                     if observer is not None:
@@ -283,12 +271,12 @@ class ChatService:
                             choices=[],
                             usage=final_usage,
                         )
-                        yield _sse(json_encoder.encode(usage_chunk))
+                        yield sse_event(json_encoder.encode(usage_chunk))
                     break
             yield b"data: [DONE]\n\n"
         except APIError as exc:
-            yield _sse(json_encoder.encode(exc.to_body()))
+            yield sse_event(json_encoder.encode(exc.to_body()))
         except Exception as exc:  # never a bare broken stream
-            yield _sse(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
+            yield sse_event(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
         finally:
             handle.cancel()  # client gone or stream done: the row leaves the batch

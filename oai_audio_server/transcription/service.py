@@ -35,9 +35,9 @@ from oai_audio_server.errors import (
     InvalidAudioError,
 )
 from oai_audio_server.protocol import Usage, json_encoder
-from oai_audio_server.qwen.prompt import QwenPromptBuilder
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
+from oai_audio_server.sse import KEEPALIVE, KEEPALIVE_SECONDS, sse_event
 from oai_audio_server.transcription.formats import TimedSegment, TranscriptResult
 from oai_audio_server.transcription.prompts import (
     language_name,
@@ -58,7 +58,6 @@ from oai_audio_server.transcription.timestamps import (
     timed_spans,
 )
 
-KEEPALIVE_SECONDS = 15.0
 FRAMES_PER_SECOND = 100  # Whisper's "seek" counts 10 ms mel frames
 
 
@@ -117,22 +116,10 @@ def _report(
     observer.finished(usage, prepared.audio.duration_seconds)
 
 
-def _sse(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
-
-
 class TranscriptionService:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self._settings = settings
         self._runtime = runtime
-        self._builder: QwenPromptBuilder | None = None
-
-    def _prompt_builder(self, bundle: ModelBundle) -> QwenPromptBuilder:
-        if self._builder is None:
-            self._builder = QwenPromptBuilder(
-                bundle.tokenizer, max_window_size=bundle.max_window_size
-            )
-        return self._builder
 
     def check(self, options: TranscriptionOptions) -> ModelBundle:
         """Model name first (404), then readiness (503), before any audio is decoded."""
@@ -171,7 +158,7 @@ class TranscriptionService:
                 code="audio_too_long",
             )
         bundle = self._runtime.engine.bundle
-        builder = self._prompt_builder(bundle)
+        builder = self._runtime.prompt_builder
         deadline = time.monotonic() + self._settings.request_timeout
         request_id = f"trsc-{uuid.uuid4().hex}"
         jobs = []
@@ -293,7 +280,7 @@ class TranscriptionService:
         input_tokens = output_tokens = 0
 
         def delta_event(delta: str) -> bytes:
-            return _sse(json_encoder.encode(TranscriptTextDeltaEvent(delta=delta)))
+            return sse_event(json_encoder.encode(TranscriptTextDeltaEvent(delta=delta)))
 
         try:
             for handle in handles:
@@ -303,7 +290,7 @@ class TranscriptionService:
                     try:
                         event = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
                     except TimeoutError:
-                        yield b": keep-alive\n\n"
+                        yield KEEPALIVE
                         continue
                     if isinstance(event, Failed):
                         raise event.error
@@ -332,11 +319,11 @@ class TranscriptionService:
                 ),
             )
             _report(observer, prepared, input_tokens, output_tokens)
-            yield _sse(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
+            yield sse_event(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
         except APIError as exc:
-            yield _sse(json_encoder.encode(exc.to_body()))
+            yield sse_event(json_encoder.encode(exc.to_body()))
         except Exception as exc:  # never a bare broken stream
-            yield _sse(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
+            yield sse_event(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
         finally:
             for handle in handles:
                 handle.cancel()  # client gone or stream done: the rows leave the batch
