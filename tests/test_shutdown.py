@@ -31,9 +31,9 @@ def test_sigterm_drains_streams_and_exits_zero(
         failure: list[BaseException] = []
 
         def consume() -> None:
-            # A long answer (the greedy tiny model does not stop on this prompt), so it
-            # is still streaming when SIGTERM arrives.
-            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            # A long answer (the greedy tiny model writes about 650 tokens for this
+            # prompt), so it is still streaming when SIGTERM arrives.
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to ten"}],
                     "max_tokens": 2000, "temperature": 0, "stream": True}
             try:
                 with httpx.stream("POST", server.api_url + "/chat/completions",
