@@ -18,6 +18,7 @@ from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
+    GenerationEvent,
     GenerationHandle,
     GenerationRequest,
     SamplingParams,
@@ -76,6 +77,30 @@ def check_model(settings: Settings, requested: str) -> str:
             param="model",
         )
     return requested
+
+
+async def next_events(handle: GenerationHandle, *, hold: float) -> list[GenerationEvent] | None:
+    """The next events of a stream, adjacent text joined; None after a quiet keep-alive
+    period. With ``hold`` > 0, text is gathered for up to that many seconds (a final
+    event ends the wait at once): a fast model then costs one chunk per interval rather
+    than one encode, write and client parse per token."""
+    try:
+        arrived = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
+    except TimeoutError:
+        return None
+    events = [arrived, *handle.ready_events()]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + hold
+    while hold > 0 and not any(isinstance(e, Finished | Failed) for e in events):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            events.append(await asyncio.wait_for(handle.next_event(), remaining))
+        except TimeoutError:
+            break
+        events += handle.ready_events()
+    return coalesce(events)
 
 
 def sampling_params(
@@ -242,13 +267,13 @@ class ChatService:
         try:
             yield chunk(ChunkDelta(role="assistant", content=""))
             done = False
+            interval = self._settings.stream_interval_ms / 1000
             while not done:
-                try:
-                    arrived = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
-                except TimeoutError:
+                events = await next_events(handle, hold=0.0 if first else interval)
+                if events is None:
                     yield KEEPALIVE
                     continue
-                for event in coalesce([arrived, *handle.ready_events()]):
+                for event in events:
                     if isinstance(event, TextDelta):
                         if observer is not None and first:
                             observer.first_token()
