@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
-from fractions import Fraction
+from pathlib import Path
 
-import av
 import numpy as np
 
-from oai_audio_server.audio import AudioIntake, MelFeatureExtractor, decode_audio
+# The tests' own audio encoder and mel filterbank, so the benchmark needs no checkpoint.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from media import encode  # noqa: E402
+from tiny_model import slaney_mel_filterbank  # noqa: E402
+
+from oai_audio_server.audio import AudioIntake, MelFeatureExtractor, decode_audio  # noqa: E402
 from oai_audio_server.settings import Settings
 
 
@@ -35,45 +39,7 @@ def _signal(seconds: float, rate: int) -> np.ndarray:
 
 
 def _encode(container: str, codec: str, rate: int, seconds: float) -> bytes:
-    samples = np.repeat(_signal(seconds, rate), 2)[None, :]  # interleaved stereo
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container) as output:
-        stream = output.add_stream(codec, rate=rate)
-        assert isinstance(stream, av.AudioStream)
-        stream.layout = "stereo"
-        step = rate // 10
-        for start in range(0, samples.shape[1] // 2, step):
-            chunk = np.ascontiguousarray(samples[:, 2 * start : 2 * (start + step)])
-            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="stereo")
-            frame.rate = rate
-            frame.pts = start
-            frame.time_base = Fraction(1, rate)
-            for packet in stream.encode(frame):
-                output.mux(packet)
-        for packet in stream.encode(None):
-            output.mux(packet)
-    return buffer.getvalue()
-
-
-def _slaney_filters() -> np.ndarray:
-    """A Whisper-like 80-bin mel filterbank, so the benchmark needs no checkpoint."""
-    f_sp, min_hz = 200.0 / 3, 1000.0
-    min_mel, step = min_hz / f_sp, np.log(6.4) / 27.0
-
-    def to_mel(hz: np.ndarray) -> np.ndarray:
-        log = min_mel + np.log(np.maximum(hz, 1e-10) / min_hz) / step
-        return np.where(hz >= min_hz, log, hz / f_sp)
-
-    def to_hz(mel: np.ndarray) -> np.ndarray:
-        return np.where(mel >= min_mel, min_hz * np.exp(step * (mel - min_mel)), f_sp * mel)
-
-    edges = to_hz(np.linspace(to_mel(np.array(0.0)), to_mel(np.array(8000.0)), 82))
-    ramps = edges[:, None] - np.linspace(0, 8000, 201)[None, :]
-    widths = np.diff(edges)
-    weights = np.maximum(
-        0, np.minimum(-ramps[:-2] / widths[:-1, None], ramps[2:] / widths[1:, None])
-    )
-    return (weights * (2.0 / (edges[2:] - edges[:-2]))[:, None]).astype(np.float32)
+    return encode(_signal(seconds, rate), rate, container=container, codec=codec, channels=2)
 
 
 def _ffmpeg_decode(ffmpeg: str, data: bytes) -> np.ndarray:
@@ -99,7 +65,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
 
-    extractor = MelFeatureExtractor(_slaney_filters())
+    extractor = MelFeatureExtractor(slaney_mel_filterbank())
     formats = {
         "mp3": _encode("mp3", "libmp3lame", 44100, args.seconds),
         "flac": _encode("flac", "flac", 48000, args.seconds),

@@ -6,8 +6,12 @@ import base64
 import io
 import math
 import wave
+from fractions import Fraction
 
+import av
 import numpy as np
+
+LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}
 
 
 def tone(seconds: float, frequency: float = 440.0, rate: int = 16000) -> np.ndarray:
@@ -32,3 +36,36 @@ def b64(data: bytes) -> str:
 
 def audio_part(data: bytes, fmt: str = "wav") -> dict[str, object]:
     return {"type": "input_audio", "input_audio": {"data": b64(data), "format": fmt}}
+
+
+def encode(
+    signal: np.ndarray,
+    rate: int,
+    *,
+    container: str,
+    codec: str,
+    channels: int = 1,
+    options: dict[str, str] | None = None,
+) -> bytes:
+    """Encode a mono float signal (copied to every channel) with PyAV, in memory."""
+    layout = LAYOUTS[channels]
+    # Packed (interleaved) frames: PyAV cannot build planar frames of more than 7 planes.
+    interleaved = np.repeat(signal.astype(np.float32), channels)[None, :]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as output:
+        stream = output.add_stream(codec, rate=rate, options=options or {})
+        stream.layout = layout
+        step = rate // 10
+        for start in range(0, signal.shape[0], step):
+            chunk = interleaved[:, start * channels : (start + step) * channels]
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(chunk), format="flt", layout=layout
+            )
+            frame.rate = rate
+            frame.pts = start
+            frame.time_base = Fraction(1, rate)
+            for packet in stream.encode(frame):
+                output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    return buffer.getvalue()

@@ -154,6 +154,19 @@ def varied_requests(
     ]
 
 
+def all_at_once(
+    bundle: ModelBundle, requests: list[GenerationRequest]
+) -> tuple[list[Outcome], dict[str, float]]:
+    """Every request submitted in one go to an engine with room for all of them."""
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        return await asyncio.gather(*(collect(h) for h in handles))
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        return run(together(engine)), engine.stats()
+
+
 def assert_same(batched: list[Outcome], alone: list[Outcome]) -> None:
     for got, expected in zip(batched, alone, strict=True):
         assert got.finished.token_ids == expected.finished.token_ids
@@ -168,13 +181,7 @@ def test_submitted_at_once_batched_greedy_equals_solo(
     requests = varied_requests(builder, audio)
     alone = solo(bundle, requests)
 
-    async def together(engine: BatchingEngine) -> list[Outcome]:
-        handles = [engine.submit(r) for r in requests]
-        return await asyncio.gather(*(collect(h) for h in handles))
-
-    with engine_for(bundle, max_batch_size=8) as engine:
-        batched = run(together(engine))
-        stats = engine.stats()
+    batched, stats = all_at_once(bundle, requests)
     assert_same(batched, alone)
     total = sum(len(o.finished.token_ids) for o in alone)
     assert stats["completion_tokens"] == total
@@ -238,13 +245,7 @@ def test_mixed_sampling_parameters_in_one_batch(
     ]
     alone = solo(bundle, requests)
 
-    async def together(engine: BatchingEngine) -> list[Outcome]:
-        handles = [engine.submit(r) for r in requests]
-        return await asyncio.gather(*(collect(h) for h in handles))
-
-    with engine_for(bundle, max_batch_size=8) as engine:
-        batched = run(together(engine))
-        stats = engine.stats()
+    batched, stats = all_at_once(bundle, requests)
     assert_same(batched, alone)
     assert stats["peak_batch_size"] >= 2
     by_id = {r.request_id: o for r, o in zip(requests, batched, strict=True)}

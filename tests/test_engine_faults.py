@@ -43,14 +43,19 @@ def engine(bundle: ModelBundle) -> Iterator[BatchingEngine]:
         return original(*args, **kwargs)
 
     transformer.forward = failing_forward
-    engine = BatchingEngine(lambda: bundle, max_batch_size=4)
+    engine = started_engine(bundle, max_batch_size=4)
+    yield engine
+    engine.close()
+    transformer.forward = original
+
+
+def started_engine(bundle: ModelBundle, **limits: int) -> BatchingEngine:
+    engine = BatchingEngine(lambda: bundle, **limits)
     engine.start()
     deadline = time.monotonic() + 30
     while not engine.ready and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield engine
-    engine.close()
-    transformer.forward = original
+    return engine
 
 
 def request(prompt: list[int], max_tokens: int) -> GenerationRequest:
@@ -136,11 +141,7 @@ def test_a_fault_outside_the_model_calls_keeps_the_worker_alive(
 
 def test_a_group_needs_one_queue_slot(bundle: ModelBundle) -> None:
     """A long transcription's segments are admitted together, even with --max-queue 1."""
-    engine = BatchingEngine(lambda: bundle, max_batch_size=2, max_queue=1)
-    engine.start()
-    deadline = time.monotonic() + 30
-    while not engine.ready and time.monotonic() < deadline:
-        time.sleep(0.05)
+    engine = started_engine(bundle, max_batch_size=2, max_queue=1)
     try:
         requests = [request([bundle.tokenizer.im_start_id, 60 + i], 5) for i in range(4)]
 

@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 from litestar.testing import TestClient
-from media import b64, tone, wav_bytes
+from media import b64, encode, tone, wav_bytes
 from server_process import ServerProcess
 
 from oai_audio_server.engine.loader import ModelBundle
@@ -54,25 +54,7 @@ def long_wav() -> bytes:
 
 def webm_opus(seconds: float) -> bytes:
     """What a browser's MediaRecorder sends: Opus in WebM, 48 kHz."""
-    rate = 48000
-    signal = tone(seconds, 440.0, rate)
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="webm") as output:
-        stream = output.add_stream("libopus", rate=rate)
-        stream.layout = "mono"
-        step = 960
-        for start in range(0, signal.shape[0] - step + 1, step):
-            frame = av.AudioFrame.from_ndarray(
-                signal[None, start : start + step], format="flt", layout="mono"
-            )
-            frame.rate = rate
-            frame.pts = start
-            frame.time_base = Fraction(1, rate)
-            for packet in stream.encode(frame):
-                output.mux(packet)
-        for packet in stream.encode(None):
-            output.mux(packet)
-    return buffer.getvalue()
+    return encode(tone(seconds, 440.0, 48000), 48000, container="webm", codec="libopus")
 
 
 def silent_flac(seconds: float) -> bytes:

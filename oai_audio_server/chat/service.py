@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,16 +13,14 @@ from oai_audio_server.audio.intake import AudioIntake
 from oai_audio_server.audio.types import PreparedAudio
 from oai_audio_server.chat.messages import AudioBudget, to_conversation
 from oai_audio_server.chat.observer import GenerationObserver
-from oai_audio_server.engine.loader import ModelBundle
+from oai_audio_server.engine.loader import ModelBundle, room_after_prompt
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
-    GenerationEvent,
     GenerationHandle,
     GenerationRequest,
     SamplingParams,
     TextDelta,
-    coalesce,
 )
 from oai_audio_server.errors import (
     APIError,
@@ -51,7 +48,7 @@ from oai_audio_server.qwen.conversation import Conversation
 from oai_audio_server.qwen.prompt import Prompt
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
-from oai_audio_server.sse import KEEPALIVE, KEEPALIVE_SECONDS, sse_event
+from oai_audio_server.sse import KEEPALIVE, next_events, sse_event
 
 MAX_STOP_STRINGS = 16
 
@@ -79,42 +76,16 @@ def check_model(settings: Settings, requested: str) -> str:
     return requested
 
 
-async def next_events(handle: GenerationHandle, *, hold: float) -> list[GenerationEvent] | None:
-    """The next events of a stream, adjacent text joined; None after a quiet keep-alive
-    period. With ``hold`` > 0, text is gathered for up to that many seconds (a final
-    event ends the wait at once): a fast model then costs one chunk per interval rather
-    than one encode, write and client parse per token."""
-    try:
-        arrived = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
-    except TimeoutError:
-        return None
-    events = [arrived, *handle.ready_events()]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + hold
-    while hold > 0 and not any(isinstance(e, Finished | Failed) for e in events):
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            break
-        try:
-            events.append(await asyncio.wait_for(handle.next_event(), remaining))
-        except TimeoutError:
-            break
-        events += handle.ready_events()
-    return coalesce(events)
-
-
 def sampling_params(
     request: ChatCompletionRequest, bundle: ModelBundle, settings: Settings, prompt_len: int
 ) -> SamplingParams:
     defaults = bundle.defaults
-    room = bundle.max_model_len - prompt_len
-    if prompt_len > bundle.max_window_size or room < 1:
-        raise ContextLengthExceededError(
-            f"the prompt is {prompt_len} tokens (audio included), more than the model's "
-            f"{min(bundle.max_window_size, bundle.max_model_len - 1)}-token window; send "
-            "shorter audio, fewer audio items or less text",
-            param="messages",
-        )
+    room = room_after_prompt(
+        bundle,
+        prompt_len,
+        param="messages",
+        fix="send shorter audio, fewer audio items or less text",
+    )
     asked = request.max_completion_tokens or request.max_tokens
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > settings.max_tokens_limit:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from oai_audio_server.audio.features import MelFeatureExtractor
+from oai_audio_server.errors import ContextLengthExceededError
 from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,18 @@ class ModelBundle:
     @property
     def vocab_limit(self) -> int:
         return len(self.token_bytes)
+
+
+def room_after_prompt(bundle: ModelBundle, prompt_len: int, *, param: str, fix: str) -> int:
+    """Tokens left for the answer, or a 400 when the prompt does not fit the window."""
+    room = bundle.max_model_len - prompt_len
+    if prompt_len > bundle.max_window_size or room < 1:
+        raise ContextLengthExceededError(
+            f"the prompt is {prompt_len} tokens (audio included), more than the model's "
+            f"{min(bundle.max_window_size, bundle.max_model_len - 1)}-token window; {fix}",
+            param=param,
+        )
+    return room
 
 
 def _token_bytes(tokenizer: Any) -> list[bytes]:

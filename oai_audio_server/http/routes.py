@@ -8,7 +8,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from oai_audio_server.chat.service import ChatService
+from oai_audio_server.chat.service import ChatService, check_model
 from oai_audio_server.errors import NotReadyError
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
 from oai_audio_server.http.errors import decode_body, error_response
@@ -69,8 +69,6 @@ def build_routes(runtime: Runtime) -> list[Any]:
 
     @get("/v1/models/{model_id:path}", summary="Describe the served model")
     async def get_model(model_id: str) -> Response[bytes]:
-        from oai_audio_server.chat.service import check_model
-
         # A path parameter, so ids with a slash (qwen/Qwen-Audio-Chat) work.
         name = check_model(settings, model_id.lstrip("/"))
         return json_response(ModelCard(id=name, created=started))

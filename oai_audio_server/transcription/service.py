@@ -9,7 +9,6 @@ model wrote timestamp tokens.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import unicodedata
 import uuid
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
 from oai_audio_server.chat.observer import GenerationObserver
 from oai_audio_server.chat.service import check_model
-from oai_audio_server.engine.loader import ModelBundle
+from oai_audio_server.engine.loader import ModelBundle, room_after_prompt
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -30,14 +29,13 @@ from oai_audio_server.engine.types import (
 )
 from oai_audio_server.errors import (
     APIError,
-    ContextLengthExceededError,
     EngineError,
     InvalidAudioError,
 )
 from oai_audio_server.protocol import Usage, json_encoder
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
-from oai_audio_server.sse import KEEPALIVE, KEEPALIVE_SECONDS, sse_event
+from oai_audio_server.sse import KEEPALIVE, next_events, sse_event
 from oai_audio_server.transcription.formats import TimedSegment, TranscriptResult
 from oai_audio_server.transcription.prompts import (
     language_name,
@@ -181,13 +179,7 @@ class TranscriptionService:
         return PreparedTranscription(options, audio, tuple(jobs))
 
     def _sampling(self, bundle: ModelBundle, prompt_len: int, temperature: float) -> SamplingParams:
-        room = bundle.max_model_len - prompt_len
-        if prompt_len > bundle.max_window_size or room < 1:
-            raise ContextLengthExceededError(
-                f"the prompt is {prompt_len} tokens, more than the model's window; "
-                "send a shorter prompt",
-                param="prompt",
-            )
+        room = room_after_prompt(bundle, prompt_len, param="prompt", fix="send a shorter prompt")
         defaults = bundle.defaults
         return SamplingParams(
             max_tokens=min(defaults.max_new_tokens, self._settings.max_tokens_limit, room),
@@ -286,29 +278,31 @@ class TranscriptionService:
             for handle in handles:
                 cleaner = TextCleaner()
                 segment_started = False
-                while True:
-                    try:
-                        event = await asyncio.wait_for(handle.next_event(), KEEPALIVE_SECONDS)
-                    except TimeoutError:
+                finished = False
+                while not finished:
+                    events = await next_events(handle, hold=0.0)
+                    if events is None:
                         yield KEEPALIVE
                         continue
-                    if isinstance(event, Failed):
-                        raise event.error
-                    piece = cleaner.push(event.text) if isinstance(event, TextDelta) else ""
-                    if isinstance(event, Finished):
-                        piece += cleaner.finish()
-                        input_tokens += event.prompt_tokens
-                        output_tokens += event.completion_tokens
-                    if piece:
-                        if not segment_started:
-                            piece = separator(text, piece) + piece
-                            segment_started = True
-                        if observer is not None and not text:
-                            observer.first_token()
-                        text += piece
-                        yield delta_event(piece)
-                    if isinstance(event, Finished):
-                        break
+                    for event in events:
+                        if isinstance(event, Failed):
+                            raise event.error
+                        piece = cleaner.push(event.text) if isinstance(event, TextDelta) else ""
+                        if isinstance(event, Finished):
+                            piece += cleaner.finish()
+                            input_tokens += event.prompt_tokens
+                            output_tokens += event.completion_tokens
+                            finished = True
+                        if piece:
+                            if not segment_started:
+                                piece = separator(text, piece) + piece
+                                segment_started = True
+                            if observer is not None and not text:
+                                observer.first_token()
+                            text += piece
+                            yield delta_event(piece)
+                        if finished:
+                            break
             audio_tokens = sum(job.audio_tokens for job in prepared.jobs)
             usage = UsageTokens(
                 input_tokens=input_tokens,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from oai_audio_server.chat.service import next_events
 from oai_audio_server.engine.types import Finished, GenerationEvent, TextDelta
+from oai_audio_server.sse import next_events
 
 
 class FakeHandle:
