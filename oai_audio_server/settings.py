@@ -64,8 +64,8 @@ class Settings:
     request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
     stream_interval_ms: float = _setting(
         10.0,
-        "A chat stream gathers the tokens of up to this many ms into one chunk (the first "
-        "text goes out at once); 0 sends every token as it is made.",
+        "A stream gets the text of up to this many ms in one chunk (the first text goes "
+        "out at once); 0 sends every token as it is made.",
     )
     max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.")
     api_key: str | None = _setting(

@@ -437,3 +437,22 @@ def test_no_join_into_a_cache_that_is_mostly_padding(
     assert_same(outcomes, alone)
     assert prefills_meanwhile == [2, 2, 2]  # the second row still runs; the late one waits
     assert stats["prefills"] == 3 and stats["peak_batch_size"] == 2
+
+
+def test_text_is_handed_over_at_the_requested_pace_and_adds_up(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """Every step's text (interval 0), the first text and then the rest at the end
+    (interval inf): the same answer either way, in far fewer deliveries."""
+    base = request(builder, "paced", TextItem("Hello"), max_tokens=60)
+
+    async def pieces(engine: BatchingEngine, interval: float) -> list[str]:
+        handle = engine.submit(replace(base, text_interval=interval))
+        return [e.text async for e in handle.events() if isinstance(e, TextDelta)]
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        every = run(pieces(engine, 0.0))
+        whole = run(pieces(engine, float("inf")))
+    assert len(every) > 10  # one piece per token or so
+    assert len(whole) == 2  # the first text, then the rest with the end
+    assert "".join(whole) == "".join(every)

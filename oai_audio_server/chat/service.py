@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -129,6 +130,12 @@ def sampling_params(
     )
 
 
+def text_interval(settings: Settings, stream: bool) -> float:
+    """How often the engine hands over text: a stream every --stream-interval-ms, a
+    whole answer only at the end."""
+    return settings.stream_interval_ms / 1000 if stream else math.inf
+
+
 class ChatService:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self._settings = settings
@@ -159,6 +166,7 @@ class ChatService:
             audio=prompt.audio_segments,
             sampling=sampling,
             deadline=time.monotonic() + self._settings.request_timeout,
+            text_interval=text_interval(self._settings, bool(request.stream)),
         )
         return PreparedGeneration(generation, prompt, model_name)
 
@@ -238,9 +246,8 @@ class ChatService:
         try:
             yield chunk(ChunkDelta(role="assistant", content=""))
             done = False
-            interval = self._settings.stream_interval_ms / 1000
             while not done:
-                events = await next_events(handle, hold=0.0 if first else interval)
+                events = await next_events(handle)
                 if events is None:
                     yield KEEPALIVE
                     continue

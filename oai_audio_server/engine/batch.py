@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from oai_audio_server.engine.detokenizer import IncrementalText
+from oai_audio_server.engine.pacing import TextPacer
 
 KVCache = tuple[tuple[torch.Tensor, ...], ...]
 
@@ -26,6 +27,7 @@ class Row:
     handle: Any  # engine.scheduler.RequestHandle
     text: IncrementalText
     generator: torch.Generator | None
+    pacer: TextPacer
     generated: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled, not yet fed through the model
     finished: bool = False

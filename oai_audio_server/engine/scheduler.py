@@ -23,6 +23,7 @@ import torch
 from oai_audio_server.engine.batch import Batch, Row
 from oai_audio_server.engine.detokenizer import IncrementalText
 from oai_audio_server.engine.loader import ModelBundle
+from oai_audio_server.engine.pacing import TextPacer
 from oai_audio_server.engine.sampling import make_generator, next_token
 from oai_audio_server.engine.types import (
     Failed,
@@ -449,6 +450,7 @@ class BatchingEngine:
                     strip=h.request.strip_whitespace,
                 ),
                 generator=make_generator(h.request.sampling, bundle.device),
+                pacer=TextPacer(h.request.text_interval),
             )
             for h in handles
         ]
@@ -497,7 +499,7 @@ class BatchingEngine:
         if token in bundle.stop_token_ids:
             self._finish(row, "stop")
             return
-        delta = row.text.push(token)
+        delta = row.pacer.push(row.text.push(token), time.monotonic())
         if delta:
             self._emit(row.handle, TextDelta(delta))
         if row.text.stopped:
@@ -508,7 +510,7 @@ class BatchingEngine:
             row.pending_token = token
 
     def _finish(self, row: Row, reason: FinishReason) -> None:
-        tail = row.text.finish()
+        tail = row.pacer.drain() + row.text.finish()
         if tail:
             self._emit(row.handle, TextDelta(tail))
         row.finished = True

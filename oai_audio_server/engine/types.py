@@ -38,6 +38,9 @@ class GenerationRequest:
     # Official chat strips the answer; streams must add up to the same text.
     strip_whitespace: bool = True
     deadline: float | None = None  # time.monotonic() value after which the request fails
+    # Seconds between text deliveries after the first (see engine/pacing.py); math.inf
+    # for a client that only reads the whole answer.
+    text_interval: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
 from oai_audio_server.chat.observer import GenerationObserver
-from oai_audio_server.chat.service import check_model
+from oai_audio_server.chat.service import check_model, text_interval
 from oai_audio_server.engine.loader import ModelBundle, room_after_prompt
 from oai_audio_server.engine.types import (
     Failed,
@@ -174,6 +174,7 @@ class TranscriptionService:
                 audio=prompt.audio_segments,
                 sampling=self._sampling(bundle, len(prompt.token_ids), options.temperature),
                 deadline=deadline,
+                text_interval=text_interval(self._settings, options.stream),
             )
             jobs.append(SegmentJob(generation, segment, prompt.audio_token_count))
         return PreparedTranscription(options, audio, tuple(jobs))
@@ -280,7 +281,7 @@ class TranscriptionService:
                 segment_started = False
                 finished = False
                 while not finished:
-                    events = await next_events(handle, hold=0.0)
+                    events = await next_events(handle)
                     if events is None:
                         yield KEEPALIVE
                         continue

@@ -1,12 +1,55 @@
-"""Stream chunking: text gathered for a short interval, final events never held back."""
+"""Stream chunking: the engine's text pacing, and reading what has been delivered."""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 
+import pytest
+
+from oai_audio_server.engine.pacing import TextPacer
 from oai_audio_server.engine.types import Finished, GenerationEvent, TextDelta
 from oai_audio_server.sse import next_events
+
+
+def test_the_first_text_goes_out_at_once() -> None:
+    pacer = TextPacer(10.0)
+    assert pacer.push("a", now=100.0) == "a"
+
+
+def test_text_within_the_interval_is_held_then_released_together() -> None:
+    pacer = TextPacer(0.010)
+    assert pacer.push("a", now=1.000) == "a"
+    assert pacer.push("b", now=1.004) == ""
+    assert pacer.push("c", now=1.008) == ""
+    assert pacer.push("d", now=1.011) == "bcd"
+    assert pacer.push("e", now=1.012) == ""
+    assert pacer.drain() == "e"
+    assert pacer.drain() == ""
+
+
+def test_zero_interval_releases_every_piece() -> None:
+    pacer = TextPacer(0.0)
+    assert [pacer.push(c, now=5.0) for c in "abc"] == ["a", "b", "c"]
+
+
+def test_infinite_interval_keeps_everything_after_the_first_for_the_end() -> None:
+    pacer = TextPacer(math.inf)
+    assert pacer.push("first", now=0.0) == "first"
+    assert [pacer.push(c, now=1e9) for c in "xyz"] == ["", "", ""]
+    assert pacer.drain() == "xyz"
+
+
+def test_empty_text_does_not_count_as_the_first_delivery() -> None:
+    pacer = TextPacer(10.0)
+    assert pacer.push("", now=0.0) == ""
+    assert pacer.push("a", now=1.0) == "a"
+
+
+@pytest.mark.parametrize("interval", [-1.0, math.nan])
+def test_bad_intervals_are_refused(interval: float) -> None:
+    with pytest.raises(ValueError):
+        TextPacer(interval)
 
 
 class FakeHandle:
@@ -23,53 +66,30 @@ class FakeHandle:
         return events
 
 
-async def feed(handle: FakeHandle, events: list[GenerationEvent], gap: float) -> None:
-    for event in events:
-        handle.queue.put_nowait(event)
-        await asyncio.sleep(gap)
+def test_delivered_events_are_read_together_with_text_joined() -> None:
+    end = Finished("stop", 1, 2)
 
-
-def test_without_hold_each_arrival_is_its_own_chunk() -> None:
     async def scenario() -> list[GenerationEvent] | None:
         handle = FakeHandle()
-        task = asyncio.create_task(feed(handle, [TextDelta("a"), TextDelta("b")], 0.02))
-        got = await next_events(handle, hold=0.0)  # type: ignore[arg-type]
+        for event in (TextDelta("a"), TextDelta("b"), end):
+            handle.queue.put_nowait(event)
+        return await next_events(handle)  # type: ignore[arg-type]
+
+    assert asyncio.run(scenario()) == [TextDelta("ab"), end]
+
+
+def test_reading_returns_on_the_first_arrival() -> None:
+    async def scenario() -> list[GenerationEvent] | None:
+        handle = FakeHandle()
+
+        async def later() -> None:
+            handle.queue.put_nowait(TextDelta("a"))
+            await asyncio.sleep(0.05)
+            handle.queue.put_nowait(TextDelta("b"))
+
+        task = asyncio.create_task(later())
+        got = await next_events(handle)  # type: ignore[arg-type]
         await task
         return got
 
     assert asyncio.run(scenario()) == [TextDelta("a")]
-
-
-def gathered(gap: float, hold: float) -> list[GenerationEvent] | None:
-    async def scenario() -> list[GenerationEvent] | None:
-        handle = FakeHandle()
-        task = asyncio.create_task(feed(handle, [TextDelta(c) for c in "abcdef"], gap))
-        got = await next_events(handle, hold=hold)  # type: ignore[arg-type]
-        task.cancel()
-        return got
-
-    return asyncio.run(scenario())
-
-
-def test_hold_gathers_the_text_that_arrives_within_it() -> None:
-    assert gathered(gap=0.001, hold=0.5) == [TextDelta("abcdef")]
-
-
-def test_text_after_the_hold_waits_for_the_next_chunk() -> None:
-    assert gathered(gap=0.2, hold=0.01) == [TextDelta("a")]
-
-
-def test_a_final_event_is_not_held_back() -> None:
-    end = Finished("stop", 1, 2)
-
-    async def scenario() -> tuple[list[GenerationEvent] | None, float]:
-        handle = FakeHandle()
-        task = asyncio.create_task(feed(handle, [TextDelta("a"), end], 0.001))
-        started = time.perf_counter()
-        got = await next_events(handle, hold=5.0)  # type: ignore[arg-type]
-        await task
-        return got, time.perf_counter() - started
-
-    got, waited = asyncio.run(scenario())
-    assert got == [TextDelta("a"), end]
-    assert waited < 5.0  # it returned on the final event, not at the end of the hold
