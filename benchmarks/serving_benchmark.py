@@ -63,10 +63,25 @@ class LevelResult:
     errors: int
     wall: float
     samples: list[Sample]
+    engine: dict[str, float]  # engine counters over this level (from /metrics)
 
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.samples)
+
+
+ENGINE_COUNTERS = ("prefills", "decode_steps", "completion_tokens")
+
+
+def engine_counters(server: ServerProcess) -> dict[str, float]:
+    """The engine's own counters, read from the Prometheus text of /metrics."""
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ENGINE_COUNTERS:
+            if line.startswith(f"oas_engine_{name}_total "):
+                found[name] = float(line.split()[1])
+    return found
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -163,11 +178,14 @@ async def closed_loop(
                 print(f"  request {index} failed: {exc}", file=sys.stderr)
 
     limits = httpx.Limits(max_connections=concurrency + 4)
+    before = engine_counters(server)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return LevelResult(concurrency, requests, errors, wall, samples)
+    after = engine_counters(server)
+    engine = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in ENGINE_COUNTERS}
+    return LevelResult(concurrency, requests, errors, wall, samples, engine)
 
 
 @dataclass
@@ -221,13 +239,21 @@ def in_process_baselines(
     return InProcess(latencies, best, tokens)
 
 
+def rows_per_step(result: LevelResult) -> float:
+    """Average rows in a decode step: a prefill makes each row's first token, every other
+    token comes from a decode step."""
+    steps = result.engine["decode_steps"]
+    decoded = result.engine["completion_tokens"] - len(result.samples)
+    return decoded / steps if steps else float("nan")
+
+
 def print_report(
     results: list[LevelResult], base: InProcess, max_tokens: int, mode: str
 ) -> None:
     print(f"{mode}:")
     header = (f"| {'clients':>7} | {'requests':>8} | {'errors':>6} | {'req/s':>7} | "
               f"{'tokens/s':>9} | {'TTFT p50':>9} | {'TTFT p95':>9} | {'lat p50':>8} | "
-              f"{'lat p95':>8} |")
+              f"{'lat p95':>8} | {'prefills':>8} | {'rows/step':>9} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in results:
@@ -236,10 +262,13 @@ def print_report(
         print(f"| {r.concurrency:>7} | {r.requests:>8} | {r.errors:>6} | "
               f"{len(r.samples) / r.wall:>7.2f} | {r.tokens / r.wall:>9.1f} | "
               f"{percentile(ttfts, 50):>7.1f}ms | {percentile(ttfts, 95):>7.1f}ms | "
-              f"{percentile(lats, 50):>6.1f}ms | {percentile(lats, 95):>6.1f}ms |")
+              f"{percentile(lats, 50):>6.1f}ms | {percentile(lats, 95):>6.1f}ms | "
+              f"{r.engine['prefills']:>8.0f} | {rows_per_step(r):>9.2f} |")
     chat_p50 = statistics.median(base.chat_latencies) * 1000
     batch_tps = base.batch8_tokens / base.batch8_seconds
     print()
+    print("(prefills: model calls that started requests; rows/step: mean batch size of the "
+          "decode steps)")
     if mode.startswith("json"):
         print("(non-streamed: TTFT columns show the whole answer's latency)")
     print(f"in-process model.chat (sequential, greedy, {max_tokens} tokens): "

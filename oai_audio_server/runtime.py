@@ -53,5 +53,6 @@ def create_runtime(settings: Settings, load: Callable[[], ModelBundle] | None = 
         load or (lambda: load_bundle(settings)),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        join_wait_steps=settings.join_wait_steps,
     )
     return Runtime(settings, engine)

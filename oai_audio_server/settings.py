@@ -61,6 +61,12 @@ class Settings:
     audio_cache_mb: int = _setting(256, "Memory for decoded audio features, in MiB (0 = off).")
     max_batch_size: int = _setting(8, "Most sequences decoded together in one forward pass.")
     max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.")
+    join_wait_steps: int = _setting(
+        4,
+        "While a batch runs with room to spare, a new request waits up to this many decode "
+        "steps so that requests arriving close together join in one prefill (each join "
+        "pauses every running row for one forward pass); 0 joins at once.",
+    )
     request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
     stream_interval_ms: float = _setting(
         10.0,

@@ -405,38 +405,50 @@ def test_short_request_passes_a_longer_one_that_must_wait(
     assert order == ["short", "longer", "running"]
 
 
-def test_no_join_into_a_cache_that_is_mostly_padding(
-    bundle: ModelBundle, builder: QwenPromptBuilder
+@pytest.mark.parametrize("kind", ["greedy text", "audio, seeded sampling, penalty"])
+def test_a_cache_that_would_be_mostly_padding_is_rebuilt_compact(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio, kind: str
 ) -> None:
     """The shared cache length only grows. After the oldest row has left, a newcomer
-    joining a far longer cache would make it mostly padding: it waits for the batch to
-    drain instead (and still answers exactly as alone)."""
-    first = request(builder, "first", TextItem("Go on"), max_tokens=45)
-    second = request(builder, "second", TextItem("Why?"), max_tokens=90)
-    late = request(builder, "late", TextItem("Hello"), max_tokens=10)
+    would join a cache that is mostly padding; instead the running row is re-prefilled
+    from its prompt and answer so far together with the newcomer, at the length of the
+    longer of the two. Every answer is still what it is alone, sampled ones included."""
+    if kind == "greedy text":
+        first = request(builder, "first", TextItem("Go on"), max_tokens=45)
+        second = request(builder, "second", TextItem("Why?"), max_tokens=90)
+        late = request(builder, "late", TextItem("Hello"), max_tokens=10)
+        second_joins, late_joins = 38, 55
+    else:  # the running row's audio must be embedded again in the rebuild
+        first = request(builder, "first", TextItem("Say something"), max_tokens=160)
+        second = request(builder, "second", AudioItem(audio), TextItem("Why?"), max_tokens=90,
+                         temperature=0.9, top_p=0.8, seed=8, repetition_penalty=1.3)
+        late = request(builder, "late", TextItem("Hello"), AudioItem(audio), max_tokens=10,
+                       temperature=0.7, seed=3)
+        second_joins, late_joins = 140, 165
     alone = solo(bundle, [first, second, late])
-    assert [len(o.finished.token_ids) for o in alone[:2]] == [45, 90]
-    assert len(second.prompt_ids) < 38  # so it joins with more padding than prompt
+    assert [len(o.finished.token_ids) for o in alone[:2]] == [first.sampling.max_tokens, 90]
 
-    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], list[int]]:
+    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], float]:
         tasks = [asyncio.create_task(collect(engine.submit(first)))]
-        await wait_until(lambda: engine.stats()["decode_steps"] >= 38, "38 steps")
+        await wait_until(lambda: engine.stats()["decode_steps"] >= second_joins, "steps")
         tasks.append(asyncio.create_task(collect(engine.submit(second))))
-        # The first row has left; the second uses well under half of the shared cache.
-        await wait_until(lambda: engine.stats()["decode_steps"] >= 55, "55 steps")
+        # Once the first row has left, the second's prompt and answer are a small part
+        # of the cache that the first one grew.
+        await wait_until(lambda: engine.stats()["decode_steps"] >= late_joins, "steps")
         tasks.append(asyncio.create_task(collect(engine.submit(late))))
-        prefills = []
-        for _ in range(3):
-            await asyncio.sleep(0.01)
-            prefills.append(int(engine.stats()["prefills"]))
-        return [await task for task in tasks], prefills
+        await wait_until(lambda: engine.stats()["rebuilds"] >= 1, "a rebuild")
+        recomputed = engine.stats()["recomputed_tokens"]
+        return [await task for task in tasks], recomputed
 
     with engine_for(bundle, max_batch_size=8) as engine:
-        outcomes, prefills_meanwhile = run(scenario(engine))
+        outcomes, recomputed = run(scenario(engine))
         stats = engine.stats()
     assert_same(outcomes, alone)
-    assert prefills_meanwhile == [2, 2, 2]  # the second row still runs; the late one waits
-    assert stats["prefills"] == 3 and stats["peak_batch_size"] == 2
+    assert stats["rebuilds"] == 1 and stats["prefills"] == 3
+    assert stats["peak_batch_size"] == 2  # the late one ran beside the second
+    # The second row was recomputed from its prompt and the answer it had so far.
+    answered = late_joins - second_joins
+    assert len(second.prompt_ids) + answered <= recomputed < len(second.prompt_ids) + 90
 
 
 def test_text_is_handed_over_at_the_requested_pace_and_adds_up(

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from oai_audio_server.engine.admission import WAIT, Plan, Running, Waiting, plan_fresh, plan_running
 from oai_audio_server.engine.batch import Batch, Row
 from oai_audio_server.engine.detokenizer import IncrementalText
 from oai_audio_server.engine.loader import ModelBundle
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 # while the worker updates it, and a dict that never changes size is safe to copy.
 COUNTERS = (
     "prefills",
+    "rebuilds",
+    "recomputed_tokens",
     "decode_steps",
     "prompt_tokens",
     "completion_tokens",
@@ -59,10 +62,6 @@ COUNTERS = (
 
 T = TypeVar("T")
 
-# A request joins a running batch only while at least this share of the batch's cache
-# (rows x shared length) holds real tokens rather than left padding.
-MIN_CACHE_FILL = 0.5
-
 
 class RequestHandle:
     """The service's side of one request: an async stream of events, and cancel()."""
@@ -73,6 +72,7 @@ class RequestHandle:
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = False
         self.submitted_at = time.monotonic()
+        self.queued_at_step = 0  # the engine's decode step count when it was queued
 
     def emit(self, event: GenerationEvent) -> None:
         """Called from the worker thread."""
@@ -147,10 +147,12 @@ class BatchingEngine:
         *,
         max_batch_size: int = 8,
         max_queue: int = 64,
+        join_wait_steps: int = 0,
     ) -> None:
         self._load = load
         self._max_batch_size = max_batch_size
         self._max_queue = max_queue
+        self._join_wait_steps = join_wait_steps
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cond = threading.Condition()
         self._bundle: ModelBundle | None = None
@@ -201,6 +203,8 @@ class BatchingEngine:
         loop = asyncio.get_running_loop()
         handles = [RequestHandle(request, loop) for request in requests]
         with self._cond:
+            for handle in handles:
+                handle.queued_at_step = self._counters["decode_steps"]
             if len(self._waiting) >= self._max_queue:
                 self._sweep_waiting()  # a slot held by a gone client is free
             if len(self._waiting) >= self._max_queue:
@@ -240,12 +244,12 @@ class BatchingEngine:
                     if self._stopping:
                         break
                     try:
-                        admitted = self._admit(batch, bundle)
+                        plan, admitted = self._admit(batch, bundle)
                     except Exception:  # never let the worker die with requests queued
                         logger.exception("admission failed")
-                        admitted = []
+                        plan, admitted = WAIT, []
                 try:
-                    batch = self._step(bundle, batch, admitted)
+                    batch = self._step(bundle, batch, plan, admitted)
                 except Exception as exc:
                     # Outside the guarded model calls (joining or filtering the cache can
                     # run out of memory): fail what was in flight, keep the worker alive.
@@ -268,10 +272,14 @@ class BatchingEngine:
         self._outbox.flush()
 
     def _step(
-        self, bundle: ModelBundle, batch: Batch | None, admitted: list[RequestHandle]
+        self, bundle: ModelBundle, batch: Batch | None, plan: Plan, admitted: list[RequestHandle]
     ) -> Batch | None:
-        """Prefill the admitted requests into the batch, then one decode step for all."""
-        if admitted:
+        """Start the admitted requests (see admission.py), then one decode step for all."""
+        if plan.how == "rebuild" and batch is not None:
+            everyone = [row.handle for row in batch.rows] + admitted
+            batch = self._guarded(bundle, everyone, self._rebuild, bundle, batch, admitted)
+            self._outbox.flush()
+        elif admitted:
             joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
             if joined is not None:
                 batch = joined if batch is None else batch.extend(joined)
@@ -332,69 +340,33 @@ class BatchingEngine:
             self._waiting.clear()
             self._waiting.extend(keep)
 
-    def _admit(self, batch: Batch | None, bundle: ModelBundle) -> list[RequestHandle]:
-        """Pop the waiting requests that can start now. Caller holds the lock.
-
-        With no batch running, the oldest requests start together (a long one alone).
-        With a batch running, the queue is scanned oldest first and every request that
-        can join now does. A request whose prompt is longer than the batch's cache is
-        passed over: the cache grows by one token a step, so it joins a few steps later,
-        ahead of anything younger. A request that can never join this batch (it would
-        end past the exact-batching length) stops the scan, so the batch drains and it
-        starts the next one: nothing waits forever.
-        """
+    def _admit(self, batch: Batch | None, bundle: ModelBundle) -> tuple[Plan, list[RequestHandle]]:
+        """Pop the waiting requests that start now, and how (see admission.py). Caller
+        holds the lock."""
         self._sweep_waiting()
         limit = bundle.exact_batch_len
+        waiting = [
+            Waiting(len(h.request.prompt_ids), h.request.sampling.max_tokens) for h in self._waiting
+        ]
         if batch is None:
-            return self._admit_fresh(limit)
-        if limit is not None and any(r.final_length_bound > limit for r in batch.rows):
-            return []  # a long row runs alone
-        room = self._max_batch_size - len(batch.rows)
-        admitted: list[RequestHandle] = []
-        rows = len(batch.rows)
-        used = sum(len(r.handle.request.prompt_ids) + len(r.generated) for r in batch.rows)
-        for handle in list(self._waiting):
-            if len(admitted) >= room:
-                break
-            request = handle.request
-            prompt_len = len(request.prompt_ids)
-            if (
-                limit is not None
-                and max(prompt_len, batch.length) + request.sampling.max_tokens > limit
-            ):
-                break  # can never join this batch: let it drain
-            if prompt_len > batch.length:
-                continue  # joins once the cache has grown to its prompt length
-            if used + prompt_len < MIN_CACHE_FILL * (rows + 1) * batch.length:
-                # The shared cache length only grows while the batch runs; joining now
-                # would leave most of every row's cache as padding, which every later
-                # step and prefill pays for. Let the batch drain and start afresh.
-                break
-            admitted.append(handle)
-            rows += 1
-            used += prompt_len
+            plan = plan_fresh(waiting, self._max_batch_size, limit)
+        else:
+            rows = [
+                Running(
+                    len(r.handle.request.prompt_ids),
+                    r.handle.request.sampling.max_tokens,
+                    len(r.generated),
+                )
+                for r in batch.rows
+            ]
+            plan = plan_running(
+                rows, batch.length, waiting, self._max_batch_size, limit, self._join_wait_steps
+            )
+        queued = list(self._waiting)
+        admitted = [queued[i] for i in plan.admit]
         for handle in admitted:
             self._waiting.remove(handle)
-        return admitted
-
-    def _admit_fresh(self, limit: int | None) -> list[RequestHandle]:
-        admitted: list[RequestHandle] = []
-        while self._waiting and len(admitted) < self._max_batch_size:
-            head = self._waiting[0]
-            bound = len(head.request.prompt_ids) + head.request.sampling.max_tokens
-            alone = limit is not None and bound > limit  # long sequences run on their own
-            if admitted and (alone or self._any_long(admitted, limit)):
-                break
-            admitted.append(self._waiting.popleft())
-        return admitted
-
-    @staticmethod
-    def _any_long(handles: list[RequestHandle], limit: int | None) -> bool:
-        if limit is None:
-            return False
-        return any(
-            len(h.request.prompt_ids) + h.request.sampling.max_tokens > limit for h in handles
-        )
+        return plan, admitted
 
     def _audio_info(self, handles: list[RequestHandle]) -> dict[str, Any] | None:
         segments = [segment for h in handles for segment in h.request.audio]
@@ -422,16 +394,19 @@ class BatchingEngine:
             logits = out.logits[:, -1, :]
         return logits[:, : bundle.vocab_limit].float(), out.past_key_values
 
-    def _prefill(
-        self, bundle: ModelBundle, handles: list[RequestHandle], batch: Batch | None
-    ) -> Batch:
-        length = batch.length if batch else max(len(h.request.prompt_ids) for h in handles)
-        input_ids = torch.full((len(handles), length), bundle.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(handles), length), dtype=torch.long)
-        for i, handle in enumerate(handles):
-            prompt = handle.request.prompt_ids
-            input_ids[i, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[i, length - len(prompt) :] = 1
+    def _forward_prompts(
+        self,
+        bundle: ModelBundle,
+        sequences: list[list[int]],
+        handles: list[RequestHandle],
+        length: int,
+    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """One forward over whole token sequences, each left-padded to ``length``."""
+        input_ids = torch.full((len(sequences), length), bundle.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, tokens in enumerate(sequences):
+            input_ids[i, length - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, length - len(tokens) :] = 1
         input_ids = input_ids.to(bundle.device)
         mask = mask.to(bundle.device)
         logits, past = self._forward_last_logits(
@@ -441,21 +416,48 @@ class BatchingEngine:
             past_key_values=None,
             audio_info=self._audio_info(handles),
         )
-        rows = [
-            Row(
-                handle=h,
-                text=IncrementalText(
-                    bundle.token_bytes,
-                    stop=h.request.sampling.stop,
-                    strip=h.request.strip_whitespace,
-                ),
-                generator=make_generator(h.request.sampling, bundle.device),
-                pacer=TextPacer(h.request.text_interval),
-            )
-            for h in handles
-        ]
+        return logits, past, mask
+
+    def _new_row(self, bundle: ModelBundle, handle: RequestHandle) -> Row:
+        sampling = handle.request.sampling
+        return Row(
+            handle=handle,
+            text=IncrementalText(
+                bundle.token_bytes, stop=sampling.stop, strip=handle.request.strip_whitespace
+            ),
+            generator=make_generator(sampling, bundle.device),
+            pacer=TextPacer(handle.request.text_interval),
+        )
+
+    def _prefill(
+        self, bundle: ModelBundle, handles: list[RequestHandle], batch: Batch | None
+    ) -> Batch:
+        """New rows, padded to the running batch's cache length (or their longest prompt)."""
+        prompts = [h.request.prompt_ids for h in handles]
+        length = batch.length if batch else max(len(p) for p in prompts)
+        logits, past, mask = self._forward_prompts(bundle, prompts, handles, length)
+        rows = [self._new_row(bundle, h) for h in handles]
         self._counters["prefills"] += 1
-        self._counters["prompt_tokens"] += sum(len(h.request.prompt_ids) for h in handles)
+        self._counters["prompt_tokens"] += sum(len(p) for p in prompts)
+        self._sample_all(bundle, rows, logits)
+        return Batch(rows=rows, past=past, attention_mask=mask)
+
+    def _rebuild(self, bundle: ModelBundle, batch: Batch, handles: list[RequestHandle]) -> Batch:
+        """The running rows re-prefilled from their prompt and answer so far (the token
+        sampled last is fed here, so this forward is also their decode step), together
+        with the newcomers, each padded only to the longest of them."""
+        running = [r.handle.request.prompt_ids + r.generated for r in batch.rows]
+        prompts = [h.request.prompt_ids for h in handles]
+        sequences = running + prompts
+        everyone = [r.handle for r in batch.rows] + handles
+        logits, past, mask = self._forward_prompts(
+            bundle, sequences, everyone, max(len(s) for s in sequences)
+        )
+        rows = batch.rows + [self._new_row(bundle, h) for h in handles]
+        self._counters["prefills"] += 1
+        self._counters["rebuilds"] += 1
+        self._counters["recomputed_tokens"] += sum(len(s) for s in running)
+        self._counters["prompt_tokens"] += sum(len(p) for p in prompts)
         self._sample_all(bundle, rows, logits)
         return Batch(rows=rows, past=past, attention_mask=mask)
 
