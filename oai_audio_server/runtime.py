@@ -9,13 +9,15 @@ from collections.abc import Callable
 
 from oai_audio_server.audio.intake import AudioIntake
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
+from oai_audio_server.engine.process import EngineProcess
 from oai_audio_server.engine.scheduler import BatchingEngine
+from oai_audio_server.engine.types import Engine
 from oai_audio_server.qwen.prompt import QwenPromptBuilder
 from oai_audio_server.settings import Settings
 
 
 class Runtime:
-    def __init__(self, settings: Settings, engine: BatchingEngine) -> None:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
         # Decoding is CPU work kept off the event loop; a small pool bounds its threads.
@@ -49,10 +51,21 @@ class Runtime:
 
 
 def create_runtime(settings: Settings, load: Callable[[], ModelBundle] | None = None) -> Runtime:
-    engine = BatchingEngine(
-        load or (lambda: load_bundle(settings)),
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        join_wait_steps=settings.join_wait_steps,
-    )
+    """The engine runs in its own process unless --no-engine-process, or unless a test
+    hands in its own loader (a callable cannot cross into another process)."""
+    engine: Engine
+    if load is None and settings.engine_process:
+        engine = EngineProcess(
+            settings,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            join_wait_steps=settings.join_wait_steps,
+        )
+    else:
+        engine = BatchingEngine(
+            load or (lambda: load_bundle(settings)),
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            join_wait_steps=settings.join_wait_steps,
+        )
     return Runtime(settings, engine)

@@ -61,6 +61,11 @@ class Settings:
     audio_cache_mb: int = _setting(256, "Memory for decoded audio features, in MiB (0 = off).")
     max_batch_size: int = _setting(8, "Most sequences decoded together in one forward pass.")
     max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.")
+    engine_process: bool = _setting(
+        True,
+        "Run the model in a process of its own, so its Python never shares the GIL with "
+        "HTTP work; --no-engine-process runs it in a thread of the server process.",
+    )
     join_wait_steps: int = _setting(
         4,
         "While a batch runs with room to spare, a new request waits up to this many decode "

@@ -224,6 +224,41 @@ def test_staggered_requests_join_a_running_batch(
     assert stats["decode_steps"] < total / 2
 
 
+def test_joiners_gather_for_a_few_steps_and_join_in_one_prefill(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """With --join-wait-steps 5, a request arriving at a running batch with room waits
+    5 decode steps (not for the batch to drain), and requests arriving within those
+    steps join with it in one prefill."""
+    first = request(builder, "first", TextItem("Say something"), max_tokens=160)
+    joiners = [
+        request(builder, "a", TextItem("hi"), max_tokens=20),
+        request(builder, "b", TextItem("Hello"), max_tokens=20),
+    ]
+    alone = solo(bundle, [first, *joiners])
+
+    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], int, int]:
+        tasks = [asyncio.create_task(collect(engine.submit(first)))]
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 3, "3 steps")
+        submitted_at = int(engine.stats()["decode_steps"])
+        tasks.append(asyncio.create_task(collect(engine.submit(joiners[0]))))
+        await wait_until(lambda: engine.stats()["decode_steps"] >= submitted_at + 2, "steps")
+        assert engine.stats()["prefills"] == 1  # still gathering
+        tasks.append(asyncio.create_task(collect(engine.submit(joiners[1]))))
+        await wait_until(lambda: engine.stats()["prefills"] >= 2, "the join")
+        joined_at = int(engine.stats()["decode_steps"])
+        return [await task for task in tasks], submitted_at, joined_at
+
+    with engine_for(bundle, max_batch_size=8, join_wait_steps=5) as engine:
+        outcomes, submitted_at, joined_at = run(scenario(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["prefills"] == 2  # both joiners in one prefill
+    assert stats["peak_batch_size"] == 3
+    # It waited its 5 steps, and far less than the 160 the first row runs.
+    assert 5 <= joined_at - submitted_at <= 40
+
+
 def test_mixed_sampling_parameters_in_one_batch(
     bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
 ) -> None:

@@ -101,6 +101,59 @@ class ModelBundle:
         return len(self.token_bytes)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a process without the model needs to know about it (picklable)."""
+
+    model_dir: Path
+    device: str
+    dtype: str
+    stop_token_ids: frozenset[int]
+    pad_token_id: int
+    max_window_size: int
+    max_model_len: int
+    exact_batch_len: int | None
+    defaults: SamplingDefaults
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> ModelInfo:
+        return cls(
+            model_dir=bundle.model_dir,
+            device=str(bundle.device),
+            dtype=str(bundle.dtype).removeprefix("torch."),
+            stop_token_ids=bundle.stop_token_ids,
+            pad_token_id=bundle.pad_token_id,
+            max_window_size=bundle.max_window_size,
+            max_model_len=bundle.max_model_len,
+            exact_batch_len=bundle.exact_batch_len,
+            defaults=bundle.defaults,
+        )
+
+
+def load_front_bundle(info: ModelInfo) -> ModelBundle:
+    """The tokenizer and audio features without the weights: for the HTTP process when
+    the model runs in an engine process (``model`` is None)."""
+    from transformers import AutoTokenizer
+
+    with contextlib.redirect_stdout(_PrintsToLog()):
+        tokenizer = AutoTokenizer.from_pretrained(str(info.model_dir), trust_remote_code=True)
+    return ModelBundle(
+        model=None,
+        tokenizer=tokenizer,
+        model_dir=info.model_dir,
+        device=torch.device(info.device),
+        dtype=DTYPES[info.dtype],
+        token_bytes=_token_bytes(tokenizer),
+        stop_token_ids=info.stop_token_ids,
+        pad_token_id=info.pad_token_id,
+        max_window_size=info.max_window_size,
+        max_model_len=info.max_model_len,
+        exact_batch_len=info.exact_batch_len,
+        defaults=info.defaults,
+        mel=MelFeatureExtractor.from_checkpoint(info.model_dir),
+    )
+
+
 def room_after_prompt(bundle: ModelBundle, prompt_len: int, *, param: str, fix: str) -> int:
     """Tokens left for the answer, or a 400 when the prompt does not fit the window."""
     room = bundle.max_model_len - prompt_len

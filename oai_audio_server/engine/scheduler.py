@@ -16,7 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -63,23 +64,48 @@ COUNTERS = (
 T = TypeVar("T")
 
 
-class RequestHandle:
-    """The service's side of one request: an async stream of events, and cancel()."""
+class EventSink(Protocol):
+    """Where a handle's events go: one call per worker step with all of them."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def deliver(self, items: list[tuple[RequestHandle, GenerationEvent]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopSink:
+    """Events for handles read on an asyncio event loop. One wake-up of the loop per
+    step rather than one per token of every row: each wake-up is a write to the loop's
+    self-pipe, and a loop woken per token competes with the worker for the CPU and the
+    GIL."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def deliver(self, items: list[tuple[RequestHandle, GenerationEvent]]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            for handle, _ in items:
+                handle.cancelled = True
+
+
+def _put_all(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:
+    for handle, event in items:
+        handle.put(event)
+
+
+class RequestHandle:
+    """One queued or running request: its events as an async stream, and cancel()."""
+
+    def __init__(self, request: GenerationRequest, sink: EventSink) -> None:
         self.request = request
-        self._loop = loop
+        self.sink = sink
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = False
         self.submitted_at = time.monotonic()
         self.queued_at_step = 0  # the engine's decode step count when it was queued
 
     def emit(self, event: GenerationEvent) -> None:
-        """Called from the worker thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self.cancelled = True
+        """Deliver one event at once (from outside the worker's step)."""
+        self.sink.deliver([(self, event)])
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -101,25 +127,13 @@ class RequestHandle:
             if isinstance(event, Finished | Failed):
                 return
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
     def put(self, event: GenerationEvent) -> None:
-        """Called on the handle's event loop."""
+        """Called on the event loop that reads the handle."""
         self._queue.put_nowait(event)
 
 
-def _deliver(items: list[tuple[RequestHandle, GenerationEvent]]) -> None:
-    for handle, event in items:
-        handle.put(event)
-
-
 class Outbox:
-    """The events of one worker step, handed to each event loop in a single call: one
-    wake-up of the loop per step rather than one per token of every row (each wake-up is
-    a write to the loop's self-pipe, and a loop woken per token competes with the
-    worker for the CPU and the GIL)."""
+    """The events of one worker step, handed to each sink in a single call."""
 
     def __init__(self) -> None:
         self._items: list[tuple[RequestHandle, GenerationEvent]] = []
@@ -129,15 +143,11 @@ class Outbox:
 
     def flush(self) -> None:
         items, self._items = self._items, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, GenerationEvent]]] = {}
+        by_sink: dict[EventSink, list[tuple[RequestHandle, GenerationEvent]]] = {}
         for handle, event in items:
-            by_loop.setdefault(handle.loop, []).append((handle, event))
-        for loop, events in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, events)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                for handle, _ in events:
-                    handle.cancelled = True
+            by_sink.setdefault(handle.sink, []).append((handle, event))
+        for sink, events in by_sink.items():
+            sink.deliver(events)
 
 
 class BatchingEngine:
@@ -148,11 +158,17 @@ class BatchingEngine:
         max_batch_size: int = 8,
         max_queue: int = 64,
         join_wait_steps: int = 0,
+        on_admit: Callable[[list[RequestHandle]], None] | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
+        """``on_admit`` sees the requests leaving the queue; ``on_step`` runs after every
+        worker step (both on the worker thread; for an engine in another process)."""
         self._load = load
         self._max_batch_size = max_batch_size
         self._max_queue = max_queue
         self._join_wait_steps = join_wait_steps
+        self._on_admit = on_admit
+        self._on_step = on_step
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cond = threading.Condition()
         self._bundle: ModelBundle | None = None
@@ -194,14 +210,17 @@ class BatchingEngine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         return self.submit_group([request])[0]
 
-    def submit_group(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+    def submit_group(
+        self, requests: list[GenerationRequest], sink: EventSink | None = None
+    ) -> list[RequestHandle]:
         """Queue the generations of one client request (e.g. the 30 s segments of a long
         transcription) together: one admission decision against --max-queue, so a long
-        file is never refused on an idle server for having more segments than slots."""
+        file is never refused on an idle server for having more segments than slots.
+        Events go to ``sink``; by default to the calling event loop."""
         if not self.ready:
             raise NotReadyError("the model is not ready; retry shortly")
-        loop = asyncio.get_running_loop()
-        handles = [RequestHandle(request, loop) for request in requests]
+        target = sink if sink is not None else LoopSink(asyncio.get_running_loop())
+        handles = [RequestHandle(request, target) for request in requests]
         with self._cond:
             for handle in handles:
                 handle.queued_at_step = self._counters["decode_steps"]
@@ -248,6 +267,8 @@ class BatchingEngine:
                     except Exception:  # never let the worker die with requests queued
                         logger.exception("admission failed")
                         plan, admitted = WAIT, []
+                        if batch is None:
+                            self._cond.wait(timeout=1.0)  # no busy loop of failures
                 try:
                     batch = self._step(bundle, batch, plan, admitted)
                 except Exception as exc:
@@ -265,6 +286,8 @@ class BatchingEngine:
                 if self._batch_size > self._counters["peak_batch_size"]:
                     self._counters["peak_batch_size"] = self._batch_size
                 self._outbox.flush()
+                if self._on_step is not None:
+                    self._on_step()
         # shutting down: nobody will serve what is left
         for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
             self._fail(handle, NotReadyError("the server is shutting down"))
@@ -345,8 +368,14 @@ class BatchingEngine:
         holds the lock."""
         self._sweep_waiting()
         limit = bundle.exact_batch_len
+        steps = self._counters["decode_steps"]
         waiting = [
-            Waiting(len(h.request.prompt_ids), h.request.sampling.max_tokens) for h in self._waiting
+            Waiting(
+                len(h.request.prompt_ids),
+                h.request.sampling.max_tokens,
+                waited_steps=steps - h.queued_at_step,
+            )
+            for h in self._waiting
         ]
         if batch is None:
             plan = plan_fresh(waiting, self._max_batch_size, limit)
@@ -366,6 +395,8 @@ class BatchingEngine:
         admitted = [queued[i] for i in plan.admit]
         for handle in admitted:
             self._waiting.remove(handle)
+        if admitted and self._on_admit is not None:
+            self._on_admit(admitted)
         return plan, admitted
 
     def _audio_info(self, handles: list[RequestHandle]) -> dict[str, Any] | None:
