@@ -3,8 +3,9 @@
     python benchmarks/soak.py [MODEL_DIR] [--clients 32] [--requests 500] [--torch-threads N]
 
 Mixes JSON and streamed requests, some with audio. Reports errors (should be 0), temp
-files the server left behind (0), the server's RSS growth between the end of the
-warm-up and the end of the run (target < 5 %) and its thread count before and after.
+files the server left behind (0), the RSS growth of the server and its engine process
+together between the end of the warm-up and the end of the run (target < 5 %), and
+their thread counts before and after.
 Without MODEL_DIR the tiny test checkpoint is built in a temporary directory.
 """
 
@@ -39,6 +40,25 @@ def proc_status(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
+
+
+def process_tree(pid: int) -> list[int]:
+    """The server and its child processes (the engine process)."""
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                found += process_tree(int(entry.name))
+    return found
+
+
+def tree_status(pid: int, key: str) -> int:
+    return sum(proc_status(p, key) for p in process_tree(pid))
 
 
 def request_body(i: int) -> dict[str, Any]:
@@ -106,7 +126,8 @@ def main() -> None:
         pid = server.process.pid
         warm_errors = asyncio.run(run_requests(server, args.warmup, args.clients))
         time.sleep(0.5)
-        rss_before, threads_before = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
+        processes = len(process_tree(pid))
+        rss_before, threads_before = tree_status(pid, "VmRSS"), tree_status(pid, "Threads")
         files_before = set(os.listdir(server_tmp))
         start = time.perf_counter()
         errors: list[str] = []
@@ -114,10 +135,11 @@ def main() -> None:
         for fifth in range(5):
             share = args.requests * (fifth + 1) // 5 - args.requests * fifth // 5
             errors += asyncio.run(run_requests(server, share, args.clients))
-            rss_trace.append(proc_status(pid, "VmRSS"))
+            rss_trace.append(tree_status(pid, "VmRSS"))
         wall = time.perf_counter() - start
         time.sleep(0.5)
-        rss_after, threads_after = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
+        rss_after, threads_after = tree_status(pid, "VmRSS"), tree_status(pid, "Threads")
+        processes_after = len(process_tree(pid))
         leaked = sorted(set(os.listdir(server_tmp)) - files_before)
         health = httpx.get(server.base_url + "/health").json()
 
@@ -129,9 +151,11 @@ def main() -> None:
         ("wall time", f"{wall:.1f} s ({args.requests / wall:.1f} req/s)"),
         ("errors", f"{len(errors)} (warm-up {len(warm_errors)})"),
         ("leaked temp files", str(len(leaked))),
-        ("RSS after warm-up / at end", f"{rss_before / 1024:.1f} MiB / {rss_after / 1024:.1f} MiB"),
+        ("RSS (all processes) after warm-up / at end",
+         f"{rss_before / 1024:.1f} MiB / {rss_after / 1024:.1f} MiB"),
         ("RSS growth", f"{growth:+.2f} % (target < 5 %)"),
         ("RSS after each fifth", " / ".join(f"{kib / 1024:.0f}" for kib in rss_trace) + " MiB"),
+        ("processes after warm-up / at end", f"{processes} / {processes_after}"),
         ("threads after warm-up / at end", f"{threads_before} / {threads_after}"),
         ("engine at end", f"batch_size {health['batch_size']:.0f}, "
                           f"queue_depth {health['queue_depth']:.0f}, "

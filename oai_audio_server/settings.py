@@ -67,7 +67,7 @@ class Settings:
         "HTTP work; --no-engine-process runs it in a thread of the server process.",
     )
     join_wait_steps: int = _setting(
-        4,
+        2,
         "While a batch runs with room to spare, a new request waits up to this many decode "
         "steps so that requests arriving close together join in one prefill (each join "
         "pauses every running row for one forward pass); 0 joins at once.",
