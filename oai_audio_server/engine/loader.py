@@ -7,6 +7,7 @@ official README does, so any Qwen-Audio-Chat checkpoint (or fine-tune) works unc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -103,11 +104,11 @@ class ModelBundle:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a process without the model needs to know about it (picklable)."""
+    """The part of a ModelBundle that a process without the model needs (picklable)."""
 
     model_dir: Path
-    device: str
-    dtype: str
+    device: torch.device
+    dtype: torch.dtype
     stop_token_ids: frozenset[int]
     pad_token_id: int
     max_window_size: int
@@ -117,17 +118,7 @@ class ModelInfo:
 
     @classmethod
     def of(cls, bundle: ModelBundle) -> ModelInfo:
-        return cls(
-            model_dir=bundle.model_dir,
-            device=str(bundle.device),
-            dtype=str(bundle.dtype).removeprefix("torch."),
-            stop_token_ids=bundle.stop_token_ids,
-            pad_token_id=bundle.pad_token_id,
-            max_window_size=bundle.max_window_size,
-            max_model_len=bundle.max_model_len,
-            exact_batch_len=bundle.exact_batch_len,
-            defaults=bundle.defaults,
-        )
+        return cls(**{f.name: getattr(bundle, f.name) for f in dataclasses.fields(cls)})
 
 
 def load_front_bundle(info: ModelInfo) -> ModelBundle:
@@ -140,17 +131,9 @@ def load_front_bundle(info: ModelInfo) -> ModelBundle:
     return ModelBundle(
         model=None,
         tokenizer=tokenizer,
-        model_dir=info.model_dir,
-        device=torch.device(info.device),
-        dtype=DTYPES[info.dtype],
         token_bytes=_token_bytes(tokenizer),
-        stop_token_ids=info.stop_token_ids,
-        pad_token_id=info.pad_token_id,
-        max_window_size=info.max_window_size,
-        max_model_len=info.max_model_len,
-        exact_batch_len=info.exact_batch_len,
-        defaults=info.defaults,
         mel=MelFeatureExtractor.from_checkpoint(info.model_dir),
+        **{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
     )
 
 
