@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -440,6 +440,78 @@ def test_short_request_passes_a_longer_one_that_must_wait(
     assert order == ["short", "longer", "running"]
 
 
+async def staged(
+    engine: BatchingEngine,
+    requests: list[GenerationRequest],
+    steps: list[int],
+    until: object = None,
+) -> list[Outcome]:
+    """The first request at once, each next one once the engine has run its number of
+    decode steps; then waits for ``until`` (if given) and for every outcome."""
+    tasks = [asyncio.create_task(collect(engine.submit(requests[0])))]
+    for later, at_step in zip(requests[1:], steps, strict=True):
+        await wait_until(lambda n=at_step: engine.stats()["decode_steps"] >= n, "steps")
+        tasks.append(asyncio.create_task(collect(engine.submit(later))))
+    if until is not None:
+        await wait_until(until, "the condition")
+    return [await task for task in tasks]
+
+
+def rebuild_case(builder: QwenPromptBuilder) -> list[GenerationRequest]:
+    """Staged at steps 38 and 55, the third request triggers a rebuild (the first row
+    has left and the second's real tokens are a small part of the cache)."""
+    return [
+        request(builder, "first", TextItem("Go on"), max_tokens=45),
+        request(builder, "second", TextItem("Why?"), max_tokens=90),
+        request(builder, "late", TextItem("Hello"), max_tokens=10),
+    ]
+
+
+def test_a_failed_rebuild_fails_only_the_newcomers(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    requests = rebuild_case(builder)
+    alone = solo(bundle, requests)
+    with engine_for(bundle, max_batch_size=8) as engine:
+        original = engine._forward_prompts
+
+        def newcomer_out_of_memory(*args: Any) -> Any:
+            handles = args[2]
+            if any(h.request.request_id == "late" for h in handles):
+                raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
+            return original(*args)
+
+        engine._forward_prompts = newcomer_out_of_memory  # type: ignore[method-assign]
+        outcomes = run(staged(engine, requests, [38, 55]))
+    assert_same(outcomes[:2], alone[:2])  # the running row went on as if nothing happened
+    assert isinstance(outcomes[2].end, Failed)
+    assert "out of memory" in outcomes[2].end.error.message
+
+
+def test_a_row_that_generated_an_audio_marker_is_not_rebuilt(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """Re-prefilled, an <audio> token in an answer would be read as the start of an
+    audio span: that batch drains instead, and the newcomer starts after it."""
+    requests = rebuild_case(builder)
+    alone = solo(bundle, requests)
+    marker = bundle.tokenizer.audio_start_id
+    with engine_for(bundle, max_batch_size=8) as engine:
+        original = engine._accept
+
+        def third_token_is_a_marker(bundle_: ModelBundle, row: Any, token: int) -> None:
+            if row.handle.request.request_id == "second" and len(row.generated) == 2:
+                token = marker
+            original(bundle_, row, token)
+
+        engine._accept = third_token_is_a_marker  # type: ignore[method-assign]
+        outcomes = run(staged(engine, requests, [38, 55]))
+        stats = engine.stats()
+    assert stats["rebuilds"] == 0 and stats["failed"] == 0
+    assert marker in outcomes[1].finished.token_ids
+    assert_same([outcomes[0], outcomes[2]], [alone[0], alone[2]])
+
+
 @pytest.mark.parametrize("kind", ["greedy text", "audio, seeded sampling, penalty"])
 def test_a_cache_that_would_be_mostly_padding_is_rebuilt_compact(
     bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio, kind: str
@@ -464,16 +536,9 @@ def test_a_cache_that_would_be_mostly_padding_is_rebuilt_compact(
     assert [len(o.finished.token_ids) for o in alone[:2]] == [first.sampling.max_tokens, 90]
 
     async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], float]:
-        tasks = [asyncio.create_task(collect(engine.submit(first)))]
-        await wait_until(lambda: engine.stats()["decode_steps"] >= second_joins, "steps")
-        tasks.append(asyncio.create_task(collect(engine.submit(second))))
-        # Once the first row has left, the second's prompt and answer are a small part
-        # of the cache that the first one grew.
-        await wait_until(lambda: engine.stats()["decode_steps"] >= late_joins, "steps")
-        tasks.append(asyncio.create_task(collect(engine.submit(late))))
-        await wait_until(lambda: engine.stats()["rebuilds"] >= 1, "a rebuild")
-        recomputed = engine.stats()["recomputed_tokens"]
-        return [await task for task in tasks], recomputed
+        outcomes = await staged(engine, [first, second, late], [second_joins, late_joins],
+                                until=lambda: engine.stats()["rebuilds"] >= 1)
+        return outcomes, engine.stats()["recomputed_tokens"]
 
     with engine_for(bundle, max_batch_size=8) as engine:
         outcomes, recomputed = run(scenario(engine))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -207,3 +208,37 @@ def test_close_fails_what_is_in_flight_and_ends_the_process(tiny_checkpoint: Pat
     for _, end in ends:
         assert isinstance(end, Failed) and isinstance(end.error, NotReadyError)
     assert not engine.is_alive() and not engine.ready
+
+
+def test_stop_while_the_model_loads_ends_the_process_at_once(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A load cannot be interrupted (a download or a CUDA call may take minutes): a
+    stop that arrives meanwhile ends the engine process itself, with status 0, instead
+    of leaving it to be killed after close()'s timeout."""
+    slow = tmp_path / "slow_loading_ckpt"  # its own name: remote code is cached by it
+    shutil.copytree(tiny_checkpoint, slow)
+    modeling = slow / "modeling_tiny_qwen.py"
+    modeling.write_text("import time\ntime.sleep(120)\n" + modeling.read_text())
+    engine = EngineProcess(Settings(model=str(slow), device="cpu", cpu_threads=1))
+    engine.start()
+    wait_for(lambda: engine.pid is not None and engine.is_alive(), "the engine process")
+    time.sleep(3)  # well into the load (the tokenizer loads first, then the model sleeps)
+    engine.close(timeout=60)
+    assert not engine.is_alive()
+    assert engine._process.exitcode == 0  # ended itself; killed would be -9
+    assert engine.load_error is None and not engine.ready
+
+
+def test_a_request_that_cannot_be_sent_fails_and_frees_its_slot(engine: EngineProcess) -> None:
+    unpicklable = GenerationRequest(
+        "bad", [1, 2, 3], [lambda: None], SamplingParams(max_tokens=4)  # type: ignore[list-item]
+    )
+
+    async def scenario() -> tuple[str, Finished | Failed]:
+        return await asyncio.wait_for(outcome(engine.submit(unpicklable)), TIMEOUT)
+
+    _, end = asyncio.run(scenario())
+    assert isinstance(end, Failed) and isinstance(end.error, EngineError)
+    assert "could not be sent" in end.error.message
+    assert engine.stats()["queue_depth"] == 0 and engine.ready

@@ -131,8 +131,9 @@ def sampling_params(
 
 
 def text_interval(settings: Settings, stream: bool) -> float:
-    """How often the engine hands over text: a stream every --stream-interval-ms, a
-    whole answer only at the end."""
+    """How often the engine hands over text after the first (which always goes at once,
+    for the time-to-first-token metric): a stream every --stream-interval-ms, a whole
+    answer the rest at the end."""
     return settings.stream_interval_ms / 1000 if stream else math.inf
 
 

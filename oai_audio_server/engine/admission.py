@@ -41,6 +41,9 @@ class Running:
     prompt_len: int
     max_tokens: int
     generated: int
+    # False when its answer holds tokens that a prompt-style forward would read as
+    # markup (an audio span marker): such a row cannot be re-prefilled.
+    recomputable: bool = True
 
     @property
     def real_len(self) -> int:
@@ -61,12 +64,13 @@ WAIT = Plan("wait")
 
 
 def plan_fresh(waiting: Sequence[Waiting], max_batch: int, limit: int | None) -> Plan:
-    """No batch running: the oldest requests start together. A request that would run
-    past ``limit`` (the length up to which batched answers equal solo ones) runs alone."""
+    """No batch running: the oldest requests start together, as long as every row stays
+    within ``limit`` (the length up to which batched answers equal solo ones) although
+    it is padded to the longest prompt. A request past the limit on its own runs alone."""
     admit: list[int] = []
     for index, request in enumerate(waiting[:max_batch]):
-        long = limit is not None and request.final_len > limit
-        if admit and (long or _any_long([waiting[i] for i in admit], limit)):
+        group = [*(waiting[i] for i in admit), request]
+        if admit and limit is not None and _padded_final_len(group) > limit:
             break
         admit.append(index)
     return Plan("start", tuple(admit)) if admit else WAIT
@@ -129,17 +133,21 @@ def _plan_rebuild(
     """Running rows and the oldest waiting requests re-prefilled at the longest of their
     real lengths, if that batch is full enough and shorter than the current one (after
     the same gathering wait as a join: a rebuild also holds every running row)."""
+    if not all(r.recomputable for r in rows):
+        return WAIT
     lengths = [r.real_len for r in rows]
+    most_tokens = 0  # the newcomers' largest max_tokens: each grows from the compact length
     admit: list[int] = []
     for index, request in enumerate(waiting[:room]):
         new_lengths = [*lengths, request.prompt_len]
         compact = max(new_lengths)
-        if limit is not None and compact + request.max_tokens > limit:
+        new_most = max(most_tokens, request.max_tokens)
+        if limit is not None and compact + new_most > limit:
             break
         if not _full_enough(sum(new_lengths), len(new_lengths), compact):
             break
         admit.append(index)
-        lengths = new_lengths
+        lengths, most_tokens = new_lengths, new_most
     if not admit or max(lengths) >= length:
         return WAIT
     oldest = max(waiting[i].waited_steps for i in admit)
@@ -152,5 +160,6 @@ def _full_enough(real_tokens: int, rows: int, length: int) -> bool:
     return real_tokens >= MIN_CACHE_FILL * rows * length
 
 
-def _any_long(requests: Sequence[Waiting], limit: int | None) -> bool:
-    return limit is not None and any(r.final_len > limit for r in requests)
+def _padded_final_len(group: Sequence[Waiting]) -> int:
+    """The longest a row of this group can grow, every prompt padded to the longest."""
+    return max(r.prompt_len for r in group) + max(r.max_tokens for r in group)

@@ -29,6 +29,24 @@ class TextPacer:
         self._last_release = now
         return self.drain()
 
+    def release_due(self, now: float) -> str:
+        """Held text whose interval has passed, even if nothing new arrived."""
+        if not self._held or self._last_release is None:
+            return ""
+        if now - self._last_release < self._interval:
+            return ""
+        self._last_release = now
+        return self.drain()
+
+    def release_early(self) -> str:
+        """Held text of a stream, before a pause of unknown length (a long prefill); a
+        whole-answer request (interval math.inf) keeps its text for the end."""
+        if math.isinf(self._interval):
+            return ""
+        if self._held:
+            self._last_release = None  # the next text goes out at once
+        return self.drain()
+
     def drain(self) -> str:
         """Everything still held (at the end of the row)."""
         text = "".join(self._held)

@@ -26,15 +26,17 @@ shared-memory files that a crash could leave behind.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
+import queue
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -117,6 +119,10 @@ class EngineProcess:
         self._conn: Connection | None = None
         self._process: Any = None
         self._reader: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        # Messages to the engine, pickled and sent by the writer thread: a request with
+        # minutes of audio is megabytes, and the event loop must not wait for the pipe.
+        self._outgoing: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # guards the tickets and the waiting set
         self._handles: dict[int, RemoteHandle] = {}
@@ -144,25 +150,33 @@ class EngineProcess:
         child_conn.close()  # the child's end lives in the child now
         self._reader = threading.Thread(target=self._read, name="oas-engine-reader", daemon=True)
         self._reader.start()
+        self._writer = threading.Thread(target=self._write, name="oas-engine-writer", daemon=True)
+        self._writer.start()
+        # Whatever way this process ends, the engine (and its GPU memory) goes with it.
+        atexit.register(self._kill)
 
     def close(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        if self._conn is not None and not self._gone:
-            try:
-                _send(self._conn, self._send_lock, ("stop",))
-            except OSError:
-                pass
+        if self._writer is not None:
+            self._outgoing.put(("stop",))
+            self._outgoing.put(None)
+            self._writer.join(timeout)
         if self._process is not None:
             self._process.join(timeout)
             if self._process.is_alive():
-                logger.warning("engine process did not stop in %.0f s; terminating", timeout)
-                self._process.terminate()
-                self._process.join(5)
+                # It ignores SIGTERM (see run_engine_process), so no terminate().
+                logger.warning("engine process did not stop in %.0f s; killing it", timeout)
+                self._kill()
         if self._reader is not None:
             self._reader.join(timeout)
         if self._conn is not None:
             self._conn.close()
         self._bundle = None
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
 
     @property
     def ready(self) -> bool:
@@ -209,11 +223,7 @@ class EngineProcess:
             for handle in handles:
                 self._handles[handle.ticket] = handle
                 self._waiting.add(handle.ticket)
-        try:
-            _send(self._conn, self._send_lock, ("submit", [(h.ticket, h.request) for h in handles]))
-        except OSError as exc:
-            self._forget([h.ticket for h in handles])
-            raise EngineError(f"the engine process is not reachable: {exc}") from exc
+        self._outgoing.put(("submit", [(h.ticket, h.request) for h in handles]))
         return handles
 
     def stats(self) -> dict[str, float]:
@@ -225,12 +235,8 @@ class EngineProcess:
     def _cancel(self, ticket: int) -> None:
         """The client is gone: its queue slot is free now, and the engine drops the row
         at its next step. Events still on their way for it are ignored."""
-        if not self._forget([ticket]) or self._conn is None or self._gone:
-            return
-        try:
-            _send(self._conn, self._send_lock, ("cancel", ticket))
-        except OSError:
-            pass
+        if self._forget([ticket]) and not self._gone:
+            self._outgoing.put(("cancel", ticket))
 
     def _forget(self, tickets: list[int]) -> bool:
         with self._lock:
@@ -239,6 +245,31 @@ class EngineProcess:
                 known = self._handles.pop(ticket, None) is not None or known
                 self._waiting.discard(ticket)
             return known
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _write(self) -> None:
+        assert self._conn is not None
+        while (message := self._outgoing.get()) is not None:
+            try:
+                _send(self._conn, self._send_lock, message)
+            except Exception as exc:  # a gone engine, or a request that cannot be pickled
+                if message[0] == "submit":
+                    tickets = [ticket for ticket, _ in message[1]]
+                    error = EngineError(f"the request could not be sent to the engine: {exc}")
+                    self._fail_tickets(tickets, error)
+                if not isinstance(exc, OSError):
+                    logger.exception("sending to the engine process failed")
+
+    def _fail_tickets(self, tickets: list[int], error: APIError) -> None:
+        outbox = Outbox()
+        with self._lock:
+            for ticket in tickets:
+                handle = self._handles.pop(ticket, None)
+                self._waiting.discard(ticket)
+                if handle is not None:
+                    outbox.add(handle, Failed(error))
+        outbox.flush()
 
     # ------------------------------------------------------------------ reader thread
 
@@ -287,28 +318,24 @@ class EngineProcess:
         outbox.flush()
 
     def _on_gone(self) -> None:
-        """The engine process ended: fail whatever was still waiting for it."""
+        """The engine process ended (or its channel broke): fail whatever was still
+        waiting for it."""
         self._gone = True
         if self._stopping:
             error: APIError = NotReadyError("the server is shutting down")
         else:
-            code = self._process.exitcode if self._process is not None else None
-            if self._process is not None and code is None:
+            if self._process is not None:
                 self._process.join(5)
-                code = self._process.exitcode
+                self._kill()  # alive behind a broken channel: of no use, holding memory
+            code = self._process.exitcode if self._process is not None else None
             message = f"the engine process stopped (exit code {code})"
-            logger.error(message)
             if self._load_error is None:
+                logger.error(message)
                 self._load_error = RuntimeError(message)
             error = EngineError(message + "; the server must be restarted")
         with self._lock:
-            orphans = list(self._handles.values())
-            self._handles.clear()
-            self._waiting.clear()
-        outbox = Outbox()
-        for handle in orphans:
-            outbox.add(handle, Failed(error))
-        outbox.flush()
+            tickets = list(self._handles)
+        self._fail_tickets(tickets, error)
 
 
 # ---------------------------------------------------------------------- engine side
@@ -370,6 +397,11 @@ class _PipeSink:
                 _send(self._conn, self._send_lock, ("events", payload))
             except OSError:  # the server is gone; the command loop ends on its own
                 pass
+            except Exception:  # an event that cannot be pickled: its request fails
+                logger.exception("sending events to the server failed")
+                error = EngineError("an event could not be sent")
+                failed = [(ticket, Failed(error)) for ticket, _ in payload]
+                _send(self._conn, self._send_lock, ("events", failed))
 
 
 
@@ -433,11 +465,22 @@ class _EngineSide:
                 message = f"{type(error).__name__}: {error}"
                 _send(self._conn, self._send_lock, ("load_failed", message))
                 return False
-            time.sleep(0.05)
+            if self._conn.poll(0.05):
+                # "stop" (or the server gone) while loading: a load cannot be interrupted,
+                # and a download or a CUDA call may take minutes; end the process now.
+                logger.info("engine process stopped while loading the model")
+                os._exit(0)
         return True
 
     def _serve_commands(self) -> None:
         while True:
+            if not self._conn.poll(1.0):
+                if not self.engine.worker_alive:
+                    # Nothing else enforces deadlines or answers requests: end the
+                    # process, so that the server fails them and reports it.
+                    logger.error("the engine worker thread ended; stopping the process")
+                    return
+                continue
             message = _receive(self._conn)
             kind = message[0]
             if kind == "submit":
@@ -463,7 +506,10 @@ class _EngineSide:
     def _admitted(self, handles: list[RequestHandle]) -> None:
         tickets = [t for h in handles if (t := self._sink.ticket_of(h)) is not None]
         if tickets:
-            _send(self._conn, self._send_lock, ("admitted", tickets))
+            try:
+                _send(self._conn, self._send_lock, ("admitted", tickets))
+            except OSError:  # the server is gone; the command loop ends on its own
+                pass
 
     def _publish_stats(self) -> None:
         stats = self.engine.stats()

@@ -150,6 +150,17 @@ class Outbox:
             sink.deliver(events)
 
 
+def _audio_marker_ids(tokenizer: Any) -> frozenset[int]:
+    """Token ids that a forward pass without a cache reads as audio span markers (the
+    remote code pairs each audio start id with the id after it): a row that generated
+    one cannot be re-prefilled from its answer."""
+    start = getattr(tokenizer, "audio_start_id", None)
+    if start is None:
+        return frozenset()
+    end = getattr(tokenizer, "audio_end_id", start + 1)
+    return frozenset({int(start), int(start) + 1, int(end)})
+
+
 class BatchingEngine:
     def __init__(
         self,
@@ -178,6 +189,7 @@ class BatchingEngine:
         self._batch_size = 0
         self._counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self._outbox = Outbox()  # touched by the worker thread only
+        self._audio_markers: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ public
 
@@ -206,6 +218,10 @@ class BatchingEngine:
         if self._bundle is None:
             raise NotReadyError("the model is still loading; retry shortly")
         return self._bundle
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         return self.submit_group([request])[0]
@@ -255,8 +271,10 @@ class BatchingEngine:
         self._bundle = bundle
         logger.info("model ready")
         batch: Batch | None = None
+        self._audio_markers = _audio_marker_ids(bundle.tokenizer)
         with torch.inference_mode():
             while True:
+                batch = self._retire(batch)  # gone rows neither take room nor get rebuilt
                 with self._cond:
                     while not self._stopping and batch is None and not self._waiting:
                         self._cond.wait(timeout=1.0)
@@ -285,9 +303,13 @@ class BatchingEngine:
                 self._batch_size = len(batch.rows) if batch else 0
                 if self._batch_size > self._counters["peak_batch_size"]:
                     self._counters["peak_batch_size"] = self._batch_size
-                self._outbox.flush()
-                if self._on_step is not None:
-                    self._on_step()
+                self._release_due_text(batch)
+                try:
+                    self._outbox.flush()
+                    if self._on_step is not None:
+                        self._on_step()
+                except Exception:  # a sink that cannot deliver must not end the worker
+                    logger.exception("delivering events failed")
         # shutting down: nobody will serve what is left
         for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
             self._fail(handle, NotReadyError("the server is shutting down"))
@@ -298,9 +320,17 @@ class BatchingEngine:
         self, bundle: ModelBundle, batch: Batch | None, plan: Plan, admitted: list[RequestHandle]
     ) -> Batch | None:
         """Start the admitted requests (see admission.py), then one decode step for all."""
+        if admitted and batch is not None:
+            # A prefill can take long (audio): text held back for pacing goes out first.
+            for row in batch.rows:
+                self._emit_text(row, row.pacer.release_early())
+            self._outbox.flush()
         if plan.how == "rebuild" and batch is not None:
-            everyone = [row.handle for row in batch.rows] + admitted
-            batch = self._guarded(bundle, everyone, self._rebuild, bundle, batch, admitted)
+            # Only the newcomers fail if it does not work: the running batch and its
+            # cache are untouched until the forward pass has succeeded.
+            rebuilt = self._guarded(bundle, admitted, self._rebuild, bundle, batch, admitted)
+            if rebuilt is not None:
+                batch = rebuilt
             self._outbox.flush()
         elif admitted:
             joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
@@ -385,6 +415,7 @@ class BatchingEngine:
                     len(r.handle.request.prompt_ids),
                     r.handle.request.sampling.max_tokens,
                     len(r.generated),
+                    recomputable=self._audio_markers.isdisjoint(r.generated),
                 )
                 for r in batch.rows
             ]
@@ -532,15 +563,27 @@ class BatchingEngine:
         if token in bundle.stop_token_ids:
             self._finish(row, "stop")
             return
-        delta = row.pacer.push(row.text.push(token), time.monotonic())
-        if delta:
-            self._emit(row.handle, TextDelta(delta))
+        self._emit_text(row, row.pacer.push(row.text.push(token), time.monotonic()))
         if row.text.stopped:
             self._finish(row, "stop")
         elif len(row.generated) >= row.handle.request.sampling.max_tokens:
             self._finish(row, "length")
         else:
             row.pending_token = token
+
+    def _emit_text(self, row: Row, text: str) -> None:
+        if text:
+            self._emit(row.handle, TextDelta(text))
+
+    def _release_due_text(self, batch: Batch | None) -> None:
+        """Held text whose interval has passed goes out even when this step added none
+        (a partial character, whitespace or a possible stop string held back)."""
+        if batch is None:
+            return
+        now = time.monotonic()
+        for row in batch.rows:
+            if not row.finished:
+                self._emit_text(row, row.pacer.release_due(now))
 
     def _finish(self, row: Row, reason: FinishReason) -> None:
         tail = row.pacer.drain() + row.text.finish()

@@ -117,3 +117,28 @@ def test_a_rebuild_gathers_like_a_join() -> None:
     assert plan_running(rows, 120, aged, max_batch=8, limit=2048, join_wait_steps=4) == Plan(
         "rebuild", (0,)
     )
+
+
+def test_a_fresh_batch_counts_the_padding_against_the_limit() -> None:
+    # Alone each is within 2048; together the second is padded to 1500 and would grow
+    # to 1500 + 1900.
+    waiting = [Waiting(1500, 500), Waiting(100, 1900), Waiting(100, 100)]
+    assert plan_fresh(waiting, max_batch=8, limit=2048) == Plan("start", (0,))
+    assert plan_fresh(waiting[1:], max_batch=8, limit=2048) == Plan("start", (0, 1))
+
+
+def test_a_rebuild_checks_every_newcomer_against_the_final_compact_length() -> None:
+    # A later, longer prompt raises the compact length: the earlier newcomer with a large
+    # max_tokens would then end past the limit, so the scan stops before the longer one.
+    rows = [Running(250, 1000, 50)]
+    waiting = [Waiting(200, 10), Waiting(100, 1700), Waiting(600, 10)]
+    plan = plan_running(rows, 1000, waiting, max_batch=8, limit=2048)
+    assert plan == Plan("rebuild", (0, 1))
+    admitted = [waiting[i] for i in plan.admit]
+    compact = max([300] + [w.prompt_len for w in admitted])
+    assert all(compact + w.max_tokens <= 2048 for w in admitted)
+
+
+def test_rows_that_cannot_be_recomputed_are_never_rebuilt() -> None:
+    rows = [Running(20, 64, 5, recomputable=False)]
+    assert plan_running(rows, 120, [Waiting(20, 64)], max_batch=8, limit=2048) == WAIT
