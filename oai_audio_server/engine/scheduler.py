@@ -303,7 +303,6 @@ class BatchingEngine:
                 self._batch_size = len(batch.rows) if batch else 0
                 if self._batch_size > self._counters["peak_batch_size"]:
                     self._counters["peak_batch_size"] = self._batch_size
-                self._release_due_text(batch)
                 try:
                     self._outbox.flush()
                     if self._on_step is not None:
@@ -320,11 +319,6 @@ class BatchingEngine:
         self, bundle: ModelBundle, batch: Batch | None, plan: Plan, admitted: list[RequestHandle]
     ) -> Batch | None:
         """Start the admitted requests (see admission.py), then one decode step for all."""
-        if admitted and batch is not None:
-            # A prefill can take long (audio): text held back for pacing goes out first.
-            for row in batch.rows:
-                self._emit_text(row, row.pacer.release_early())
-            self._outbox.flush()
         if plan.how == "rebuild" and batch is not None:
             # Only the newcomers fail if it does not work: the running batch and its
             # cache are untouched until the forward pass has succeeded.
@@ -574,16 +568,6 @@ class BatchingEngine:
     def _emit_text(self, row: Row, text: str) -> None:
         if text:
             self._emit(row.handle, TextDelta(text))
-
-    def _release_due_text(self, batch: Batch | None) -> None:
-        """Held text whose interval has passed goes out even when this step added none
-        (a partial character, whitespace or a possible stop string held back)."""
-        if batch is None:
-            return
-        now = time.monotonic()
-        for row in batch.rows:
-            if not row.finished:
-                self._emit_text(row, row.pacer.release_due(now))
 
     def _finish(self, row: Row, reason: FinishReason) -> None:
         tail = row.pacer.drain() + row.text.finish()

@@ -95,22 +95,10 @@ def test_reading_returns_on_the_first_arrival() -> None:
     assert asyncio.run(scenario()) == [TextDelta("a")]
 
 
-def test_held_text_is_released_once_due_without_new_text() -> None:
+def test_held_text_is_released_once_due_even_when_no_new_text_arrives() -> None:
     pacer = TextPacer(0.010)
     assert pacer.push("a", now=1.000) == "a"
     assert pacer.push("b", now=1.002) == ""
-    assert pacer.release_due(now=1.005) == ""  # not due yet
-    assert pacer.release_due(now=1.011) == "b"
-    assert pacer.release_due(now=1.030) == ""  # nothing held
-
-
-def test_a_stream_releases_early_before_a_pause_and_a_whole_answer_does_not() -> None:
-    stream = TextPacer(0.010)
-    stream.push("a", now=1.0)
-    stream.push("b", now=1.001)
-    assert stream.release_early() == "b"
-    whole = TextPacer(math.inf)
-    whole.push("a", now=1.0)
-    whole.push("b", now=1.001)
-    assert whole.release_early() == ""
-    assert whole.drain() == "b"
+    assert pacer.push("", now=1.005) == ""  # not due yet
+    assert pacer.push("", now=1.011) == "b"  # a step that decoded no printable text
+    assert pacer.push("", now=1.030) == ""  # nothing held
