@@ -74,7 +74,7 @@ class Settings:
     )
     request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
     stream_interval_ms: float = _setting(
-        10.0,
+        20.0,
         "A stream gets the text of up to this many ms in one chunk (the first text goes "
         "out at once); 0 sends every token as it is made.",
     )

@@ -252,21 +252,24 @@ class ChatService:
                 if events is None:
                     yield KEEPALIVE
                     continue
+                # What arrived together goes out in one write: the last text, the
+                # finish chunk, usage and [DONE] cost one send, not four.
+                frames: list[bytes] = []
                 for event in events:
                     if isinstance(event, TextDelta):
                         if observer is not None and first:
                             observer.first_token()
                         first = False
-                        yield chunk(ChunkDelta(content=event.text))
+                        frames.append(chunk(ChunkDelta(content=event.text)))
                         continue
                     done = True
                     if isinstance(event, Failed):
-                        yield sse_event(json_encoder.encode(event.error.to_body()))
+                        frames.append(sse_event(json_encoder.encode(event.error.to_body())))
                         break
                     final_usage = self._usage(prepared, event)
                     if observer is not None:
                         observer.finished(final_usage, prepared.audio_seconds)
-                    yield chunk(ChunkDelta(), event.reason)
+                    frames.append(chunk(ChunkDelta(), event.reason))
                     if include_usage:
                         usage_chunk = ChatCompletionChunk(
                             id=prepared.generation.request_id,
@@ -275,9 +278,11 @@ class ChatService:
                             choices=[],
                             usage=final_usage,
                         )
-                        yield sse_event(json_encoder.encode(usage_chunk))
+                        frames.append(sse_event(json_encoder.encode(usage_chunk)))
                     break
-            yield b"data: [DONE]\n\n"
+                if done:
+                    frames.append(b"data: [DONE]\n\n")
+                yield b"".join(frames)
         except APIError as exc:
             yield sse_event(json_encoder.encode(exc.to_body()))
         except Exception as exc:  # never a bare broken stream
