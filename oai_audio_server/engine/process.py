@@ -404,7 +404,6 @@ class _PipeSink:
                 _send(self._conn, self._send_lock, ("events", failed))
 
 
-
 def run_engine_process(
     settings: Settings,
     conn: Connection,
