@@ -31,10 +31,6 @@ class Waiting:
     max_tokens: int
     waited_steps: int = 0  # decode steps run since it was queued
 
-    @property
-    def final_len(self) -> int:
-        return self.prompt_len + self.max_tokens
-
 
 @dataclass(frozen=True)
 class Running:
@@ -114,12 +110,7 @@ def plan_running(
             break
         joined.append(index)
         used += request.prompt_len
-    if not joined:
-        return WAIT
-    oldest = max(waiting[i].waited_steps for i in joined)
-    if len(joined) < room and oldest < join_wait_steps:
-        return WAIT  # gathering: more may arrive before the batch's next step
-    return Plan("join", tuple(joined))
+    return _after_gathering(Plan("join", tuple(joined)), waiting, room, join_wait_steps)
 
 
 def _plan_rebuild(
@@ -148,12 +139,22 @@ def _plan_rebuild(
             break
         admit.append(index)
         lengths, most_tokens = new_lengths, new_most
-    if not admit or max(lengths) >= length:
+    if max(lengths) >= length:
         return WAIT
-    oldest = max(waiting[i].waited_steps for i in admit)
-    if len(admit) < room and oldest < join_wait_steps:
+    return _after_gathering(Plan("rebuild", tuple(admit)), waiting, room, join_wait_steps)
+
+
+def _after_gathering(
+    plan: Plan, waiting: Sequence[Waiting], room: int, join_wait_steps: int
+) -> Plan:
+    """The plan, unless it leaves the batch short of full and its oldest request has
+    waited fewer than ``join_wait_steps`` steps: more may arrive to share the prefill."""
+    if not plan.admit:
         return WAIT
-    return Plan("rebuild", tuple(admit))
+    oldest = max(waiting[i].waited_steps for i in plan.admit)
+    if len(plan.admit) < room and oldest < join_wait_steps:
+        return WAIT
+    return plan
 
 
 def _full_enough(real_tokens: int, rows: int, length: int) -> bool:

@@ -32,12 +32,6 @@ class Row:
     pending_token: int | None = None  # sampled, not yet fed through the model
     finished: bool = False
 
-    @property
-    def final_length_bound(self) -> int:
-        """Cache length this row may reach: used to keep batches in the exact regime."""
-        request = self.handle.request
-        return len(request.prompt_ids) + request.sampling.max_tokens
-
 
 @dataclass
 class Batch:

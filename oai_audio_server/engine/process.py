@@ -238,13 +238,12 @@ class EngineProcess:
         if self._forget([ticket]) and not self._gone:
             self._outgoing.put(("cancel", ticket))
 
-    def _forget(self, tickets: list[int]) -> bool:
+    def _forget(self, tickets: list[int]) -> list[RemoteHandle]:
+        """Stop tracking these requests; the handles that were still open."""
         with self._lock:
-            known = False
-            for ticket in tickets:
-                known = self._handles.pop(ticket, None) is not None or known
-                self._waiting.discard(ticket)
-            return known
+            self._waiting.difference_update(tickets)
+            found = (self._handles.pop(ticket, None) for ticket in tickets)
+            return [handle for handle in found if handle is not None]
 
     # ------------------------------------------------------------------ writer thread
 
@@ -263,12 +262,8 @@ class EngineProcess:
 
     def _fail_tickets(self, tickets: list[int], error: APIError) -> None:
         outbox = Outbox()
-        with self._lock:
-            for ticket in tickets:
-                handle = self._handles.pop(ticket, None)
-                self._waiting.discard(ticket)
-                if handle is not None:
-                    outbox.add(handle, Failed(error))
+        for handle in self._forget(tickets):
+            outbox.add(handle, Failed(error))
         outbox.flush()
 
     # ------------------------------------------------------------------ reader thread
@@ -306,15 +301,13 @@ class EngineProcess:
 
     def _deliver(self, items: list[tuple[int, GenerationEvent]]) -> None:
         outbox = Outbox()
-        with self._lock:
-            for ticket, event in items:
-                handle = self._handles.get(ticket)
-                if handle is None:
-                    continue  # cancelled: nobody reads it
-                if isinstance(event, Finished | Failed):
-                    del self._handles[ticket]
-                    self._waiting.discard(ticket)
-                outbox.add(handle, event)
+        for ticket, event in items:
+            handle = self._handles.get(ticket)
+            if handle is None:
+                continue  # cancelled: nobody reads it
+            if isinstance(event, Finished | Failed):
+                self._forget([ticket])
+            outbox.add(handle, event)
         outbox.flush()
 
     def _on_gone(self) -> None:

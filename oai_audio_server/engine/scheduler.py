@@ -100,7 +100,6 @@ class RequestHandle:
         self.sink = sink
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = False
-        self.submitted_at = time.monotonic()
         self.queued_at_step = 0  # the engine's decode step count when it was queued
 
     def emit(self, event: GenerationEvent) -> None:
@@ -293,13 +292,10 @@ class BatchingEngine:
                     # Outside the guarded model calls (joining or filtering the cache can
                     # run out of memory): fail what was in flight, keep the worker alive.
                     logger.exception("engine step failed")
-                    error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
                     rows = [r.handle for r in (batch.rows if batch else []) if not r.finished]
-                    for handle in {id(h): h for h in rows + admitted}.values():
-                        self._fail(handle, error)
+                    unique = list({id(h): h for h in rows + admitted}.values())
+                    self._fail_after_fault(bundle, unique, exc)
                     batch = None
-                    if bundle.device.type == "cuda":
-                        torch.cuda.empty_cache()
                 self._batch_size = len(batch.rows) if batch else 0
                 if self._batch_size > self._counters["peak_batch_size"]:
                     self._counters["peak_batch_size"] = self._batch_size
@@ -351,12 +347,17 @@ class BatchingEngine:
             return work(*args)
         except Exception as exc:
             logger.exception("generation failed")
-            error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
-            for handle in handles:
-                self._fail(handle, error)
-            if bundle.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._fail_after_fault(bundle, handles, exc)
             return None
+
+    def _fail_after_fault(
+        self, bundle: ModelBundle, handles: list[RequestHandle], exc: Exception
+    ) -> None:
+        error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        for handle in handles:
+            self._fail(handle, error)
+        if bundle.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed call allocated
 
     def _fail(self, handle: RequestHandle, error: APIError) -> None:
         self._counters["failed"] += 1
@@ -391,6 +392,8 @@ class BatchingEngine:
         """Pop the waiting requests that start now, and how (see admission.py). Caller
         holds the lock."""
         self._sweep_waiting()
+        if not self._waiting or (batch is not None and len(batch.rows) >= self._max_batch_size):
+            return WAIT, []  # the usual decode step: no per-row summaries to build
         limit = bundle.exact_batch_len
         steps = self._counters["decode_steps"]
         waiting = [
@@ -489,30 +492,37 @@ class BatchingEngine:
         self, bundle: ModelBundle, handles: list[RequestHandle], batch: Batch | None
     ) -> Batch:
         """New rows, padded to the running batch's cache length (or their longest prompt)."""
-        prompts = [h.request.prompt_ids for h in handles]
-        length = batch.length if batch else max(len(p) for p in prompts)
-        logits, past, mask = self._forward_prompts(bundle, prompts, handles, length)
-        rows = [self._new_row(bundle, h) for h in handles]
-        self._counters["prefills"] += 1
-        self._counters["prompt_tokens"] += sum(len(p) for p in prompts)
-        self._sample_all(bundle, rows, logits)
-        return Batch(rows=rows, past=past, attention_mask=mask)
+        return self._start_rows(bundle, [], handles, batch.length if batch else None)
 
-    def _rebuild(self, bundle: ModelBundle, batch: Batch, handles: list[RequestHandle]) -> Batch:
+    def _rebuild(
+        self, bundle: ModelBundle, batch: Batch, handles: list[RequestHandle]
+    ) -> Batch:
         """The running rows re-prefilled from their prompt and answer so far (the token
         sampled last is fed here, so this forward is also their decode step), together
         with the newcomers, each padded only to the longest of them."""
-        running = [r.handle.request.prompt_ids + r.generated for r in batch.rows]
+        return self._start_rows(bundle, batch.rows, handles, None)
+
+    def _start_rows(
+        self,
+        bundle: ModelBundle,
+        running: list[Row],
+        handles: list[RequestHandle],
+        length: int | None,
+    ) -> Batch:
+        """One forward over whole sequences (running rows' prompt and answer, then the
+        newcomers' prompts), left-padded to ``length`` or the longest of them."""
+        recomputed = [r.handle.request.prompt_ids + r.generated for r in running]
         prompts = [h.request.prompt_ids for h in handles]
-        sequences = running + prompts
-        everyone = [r.handle for r in batch.rows] + handles
+        sequences = recomputed + prompts
+        everyone = [r.handle for r in running] + handles
         logits, past, mask = self._forward_prompts(
-            bundle, sequences, everyone, max(len(s) for s in sequences)
+            bundle, sequences, everyone, length or max(len(s) for s in sequences)
         )
-        rows = batch.rows + [self._new_row(bundle, h) for h in handles]
+        rows = running + [self._new_row(bundle, h) for h in handles]
         self._counters["prefills"] += 1
-        self._counters["rebuilds"] += 1
-        self._counters["recomputed_tokens"] += sum(len(s) for s in running)
+        if running:
+            self._counters["rebuilds"] += 1
+            self._counters["recomputed_tokens"] += sum(len(s) for s in recomputed)
         self._counters["prompt_tokens"] += sum(len(p) for p in prompts)
         self._sample_all(bundle, rows, logits)
         return Batch(rows=rows, past=past, attention_mask=mask)

@@ -89,7 +89,6 @@ async def _from_form(
             "file part named 'file'",
             param="file",
         )
-    service.check(options)  # unknown model or model not ready: before reading audio
     hint = format_hint(upload.filename, upload.content_type)
     return await service.prepare_bytes(options, upload.data, hint, param="file")
 

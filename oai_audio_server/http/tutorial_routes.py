@@ -32,6 +32,7 @@ from oai_audio_server.errors import (
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
 from oai_audio_server.http.multipart_form import parse_multipart
 from oai_audio_server.http.request_log import current_record
+from oai_audio_server.http.transcription_routes import format_hint
 from oai_audio_server.protocol import (
     AudioURL,
     AudioURLPart,
@@ -47,13 +48,6 @@ from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
 
 DEFAULT_QUESTION = "what does the person say?"
-
-
-def _extension(filename: str | None) -> str | None:
-    """A decoder hint from the upload's name; the name is never used as a path."""
-    if not filename or "." not in filename:
-        return None
-    return filename.rsplit(".", 1)[-1].lower()[:8] or None
 
 
 def allowed_local_file(settings: Settings, raw: str) -> pathlib.Path:
@@ -144,7 +138,7 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
             )
         question = form["text"].text() if "text" in form else DEFAULT_QUESTION
         encoded = base64.b64encode(upload.data).decode("ascii")
-        audio = InputAudioPart(InputAudio(data=encoded, format=_extension(upload.filename)))
+        audio = InputAudioPart(InputAudio(data=encoded, format=format_hint(upload.filename, None)))
         return await answer(request, audio, question or DEFAULT_QUESTION, "file")
 
     @get(

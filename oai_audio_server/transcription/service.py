@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
@@ -119,27 +119,31 @@ class TranscriptionService:
         self._settings = settings
         self._runtime = runtime
 
-    def check(self, options: TranscriptionOptions) -> ModelBundle:
-        """Model name first (404), then readiness (503), before any audio is decoded."""
-        check_model(self._settings, options.model)
-        return self._runtime.engine.bundle
-
     async def prepare_bytes(
         self, options: TranscriptionOptions, data: bytes, format_hint: str | None, *, param: str
     ) -> PreparedTranscription:
-        self.check(options)
-        try:
-            audio = await self._runtime.intake.from_bytes(data, format_hint)
-        except APIError as exc:
-            raise exc.with_param(param) from None
-        return self._prepare(options, audio, param)
+        return await self._prepare_from(
+            options, lambda: self._runtime.intake.from_bytes(data, format_hint), param
+        )
 
     async def prepare_base64(
         self, options: TranscriptionOptions, data: str, format_hint: str | None, *, param: str
     ) -> PreparedTranscription:
-        self.check(options)
+        return await self._prepare_from(
+            options, lambda: self._runtime.intake.from_base64(data, format_hint), param
+        )
+
+    async def _prepare_from(
+        self,
+        options: TranscriptionOptions,
+        decode: Callable[[], Awaitable[PreparedAudio]],
+        param: str,
+    ) -> PreparedTranscription:
+        # Model name first (404), then readiness (503), before any audio is decoded.
+        check_model(self._settings, options.model)
+        _ = self._runtime.engine.bundle
         try:
-            audio = await self._runtime.intake.from_base64(data, format_hint)
+            audio = await decode()
         except APIError as exc:
             raise exc.with_param(param) from None
         return self._prepare(options, audio, param)
@@ -229,19 +233,24 @@ class TranscriptionService:
     def result(self, prepared: PreparedTranscription, raws: list[str]) -> TranscriptResult:
         """Texts and timed segments from each audio segment's raw model output."""
         tokenizer = self._runtime.engine.bundle.tokenizer
+        wants_tokens = prepared.options.response_format == "verbose_json"
         segments: list[TimedSegment] = []
         for job, raw in zip(prepared.jobs, raws, strict=True):
             audio_segment = job.segment
             length = audio_segment.end_seconds - audio_segment.start_seconds
             spans = timed_spans(raw, length) or [TimedSpan(0.0, max(length, 0.0), "")]
             for span in spans:
-                tokens = tokenizer.encode(span.text, allowed_special=set(), disallowed_special=())
+                tokens: tuple[int, ...] = ()
+                if span.text and wants_tokens:  # only verbose_json shows them
+                    tokens = tuple(tokenizer.encode(
+                        span.text, allowed_special=set(), disallowed_special=()
+                    ))
                 segments.append(
                     TimedSegment(
                         start=audio_segment.start_seconds + span.start,
                         end=audio_segment.start_seconds + span.end,
                         text=span.text,
-                        tokens=tuple(tokens) if span.text else (),
+                        tokens=tokens,
                         seek=round(audio_segment.start_seconds * FRAMES_PER_SECOND),
                     )
                 )
