@@ -374,19 +374,22 @@ class BatchingEngine:
         that left or ran out of time neither holds a queue slot nor waits for its error
         until a full batch drains. Caller holds the lock."""
         now = time.monotonic()
-        keep: collections.deque[RequestHandle] = collections.deque()
-        for handle in self._waiting:
-            deadline = handle.request.deadline
-            if handle.cancelled:
-                self._counters["cancelled"] += 1
-            elif deadline is not None and now > deadline:
-                error = RequestTimeoutError("the request timed out waiting for the model")
-                self._fail(handle, error)
-            else:
-                keep.append(handle)
+        keep = [h for h in self._waiting if not self._gone(h, now, waiting=True)]
         if len(keep) != len(self._waiting):
             self._waiting.clear()
             self._waiting.extend(keep)
+
+    def _gone(self, handle: RequestHandle, now: float, *, waiting: bool) -> bool:
+        """Whether a request is cancelled or past its deadline (then failed here)."""
+        if handle.cancelled:
+            self._counters["cancelled"] += 1
+            return True
+        deadline = handle.request.deadline
+        if deadline is not None and now > deadline:
+            where = " waiting for the model" if waiting else ""
+            self._fail(handle, RequestTimeoutError(f"the request timed out{where}"))
+            return True
+        return False
 
     def _admit(self, batch: Batch | None, bundle: ModelBundle) -> tuple[Plan, list[RequestHandle]]:
         """Pop the waiting requests that start now, and how (see admission.py). Caller
@@ -600,18 +603,9 @@ class BatchingEngine:
         if batch is None:
             return None
         now = time.monotonic()
-        keep: list[int] = []
-        for i, row in enumerate(batch.rows):
-            deadline = row.handle.request.deadline
-            if row.finished:
-                continue
-            if row.handle.cancelled:
-                self._counters["cancelled"] += 1
-                continue
-            if deadline is not None and now > deadline:
-                self._fail(row.handle, RequestTimeoutError("the request timed out"))
-                continue
-            keep.append(i)
-        if not keep:
-            return None
-        return batch.keep(keep)
+        keep = [
+            i
+            for i, row in enumerate(batch.rows)
+            if not row.finished and not self._gone(row.handle, now, waiting=False)
+        ]
+        return batch.keep(keep) if keep else None

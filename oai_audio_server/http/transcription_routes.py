@@ -129,6 +129,7 @@ def build_transcription_routes(runtime: Runtime) -> list[Any]:
         handles = service.submit(prepared)
         record = current_record(request.scope)  # tokens and TTFT for logs and metrics
         if prepared.options.stream:
+            record.stream = True
             events = service.stream(prepared, handles, observer=record)
             return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
