@@ -34,6 +34,7 @@ TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS_DIR))
 sys.path.insert(0, str(TESTS_DIR.parent))
 
+from load import closed_loop_clients  # noqa: E402
 from server_process import ServerProcess, running_server  # noqa: E402
 
 MODEL = "bench"
@@ -163,27 +164,18 @@ async def closed_loop(
     url = server.api_url + "/chat/completions"
     samples: list[Sample] = []
     errors = 0
-    next_index = 0
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal next_index, errors
-        while next_index < requests:
-            index = next_index
-            next_index += 1
-            body = chat_body(prompts[index % len(prompts)], max_tokens, stream=stream)
-            send = one_request if stream else one_json_request
-            try:
-                samples.append(await send(client, url, body))
-            except Exception as exc:  # counted and reported, never hidden
-                errors += 1
-                print(f"  request {index} failed: {exc}", file=sys.stderr)
+    async def send(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal errors
+        body = chat_body(prompts[index % len(prompts)], max_tokens, stream=stream)
+        try:
+            samples.append(await (one_request if stream else one_json_request)(client, url, body))
+        except Exception as exc:  # counted and reported, never hidden
+            errors += 1
+            print(f"  request {index} failed: {exc}", file=sys.stderr)
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
     before = engine_counters(server)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    wall = await closed_loop_clients(requests, concurrency, send)
     after = engine_counters(server)
     engine = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in ENGINE_COUNTERS}
     return LevelResult(concurrency, requests, errors, wall, samples, engine)

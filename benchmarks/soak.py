@@ -25,6 +25,7 @@ import httpx
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS_DIR))
 
+from load import closed_loop_clients  # noqa: E402
 from media import audio_part, tone, wav_bytes  # noqa: E402
 from server_process import ServerProcess, running_server  # noqa: E402
 
@@ -74,28 +75,21 @@ def request_body(i: int) -> dict[str, Any]:
 async def run_requests(server: ServerProcess, count: int, clients: int) -> list[str]:
     url = server.api_url + "/chat/completions"
     errors: list[str] = []
-    next_index = 0
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        nonlocal next_index
-        while next_index < count:
-            index = next_index
-            next_index += 1
-            body = request_body(index)
-            try:
-                reply = await client.post(url, json=body)
-                if reply.status_code != 200:
-                    errors.append(f"{index}: HTTP {reply.status_code} {reply.text[:200]}")
-                elif body["stream"] and not reply.text.endswith("data: [DONE]\n\n"):
-                    errors.append(f"{index}: stream did not finish: {reply.text[-200:]}")
-                elif body["stream"] and '"error"' in reply.text:
-                    errors.append(f"{index}: error event: {reply.text[-300:]}")
-            except httpx.HTTPError as exc:
-                errors.append(f"{index}: {type(exc).__name__}: {exc}")
+    async def send(client: httpx.AsyncClient, index: int) -> None:
+        body = request_body(index)
+        try:
+            reply = await client.post(url, json=body)
+            if reply.status_code != 200:
+                errors.append(f"{index}: HTTP {reply.status_code} {reply.text[:200]}")
+            elif body["stream"] and not reply.text.endswith("data: [DONE]\n\n"):
+                errors.append(f"{index}: stream did not finish: {reply.text[-200:]}")
+            elif body["stream"] and '"error"' in reply.text:
+                errors.append(f"{index}: error event: {reply.text[-300:]}")
+        except httpx.HTTPError as exc:
+            errors.append(f"{index}: {type(exc).__name__}: {exc}")
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)
-                                 ) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    await closed_loop_clients(count, clients, send)
     return errors
 
 
