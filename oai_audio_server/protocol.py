@@ -69,7 +69,7 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 class ChatCompletionRequest(Struct, frozen=True):
     model: str
     messages: list[ChatMessage]
-    stream: bool = False
+    stream: bool | None = None  # null is allowed, as by OpenAI: not streamed
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
@@ -80,8 +80,9 @@ class ChatCompletionRequest(Struct, frozen=True):
     # torch generators take 64-bit seeds; larger ones are a 400, not a crash.
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
-    n: Annotated[int, Meta(ge=1)] = 1
-    # Accepted and ignored on purpose (see README): clients send them with every request.
+    n: Annotated[int, Meta(ge=1)] | None = None
+    # Accepted, and answered with plain text (see README and chat/unsupported.py): clients
+    # send them with every request. Values that need a feature this model lacks are a 400.
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

@@ -150,6 +150,11 @@ def test_tools_and_other_openai_fields_are_accepted(client: openai.OpenAI) -> No
     reply = ask(client, [{"role": "user", "content": "hi"}], tools=tools, user="u1",
                 presence_penalty=0.0, max_completion_tokens=3, max_tokens=None)
     assert reply.usage is not None and reply.usage.completion_tokens <= 3
+    # What chat UIs send by default, and null for optional fields, are answered in text.
+    reply = ask(client, [{"role": "user", "content": "hi"}], tools=tools, tool_choice="auto",
+                response_format={"type": "text"}, logprobs=False, modalities=["text"],
+                n=None, stream=None, max_tokens=3)
+    assert reply.choices[0].message.content is not None and reply.choices[0].logprobs is None
 
 
 def test_text_cannot_inject_audio_tags_or_turns(client: openai.OpenAI) -> None:
@@ -256,6 +261,31 @@ def test_body_over_the_limit_is_413(server: ServerProcess) -> None:
 def test_max_tokens_beyond_the_context_is_400(server: ServerProcess) -> None:
     body = user("hi") | {"max_tokens": 100000}
     assert_error(post(server, body), 400, param="max_tokens")
+
+
+def test_null_n_and_stream_mean_the_defaults(server: ServerProcess) -> None:
+    reply = post(server, user("hi") | {"n": None, "stream": None, "stream_options": None})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    assert len(reply.json()["choices"]) == 1
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("modalities", ["text", "audio"]),
+])
+def test_fields_that_need_a_missing_feature_are_400(
+    server: ServerProcess, field: str, value: object
+) -> None:
+    """Answering these with plain text would be a 200 the client cannot use."""
+    error = assert_error(post(server, user("hi") | {field: value}), 400, param=field,
+                         code="unsupported_parameter")
+    assert field in error["message"] or "tool" in error["message"]
 
 
 def test_unknown_route_is_openai_shaped_404(server: ServerProcess) -> None:

@@ -14,6 +14,7 @@ from oai_audio_server.audio.intake import AudioIntake
 from oai_audio_server.audio.types import PreparedAudio
 from oai_audio_server.chat.messages import AudioBudget, to_conversation
 from oai_audio_server.chat.observer import GenerationObserver
+from oai_audio_server.chat.unsupported import reject_unsupported
 from oai_audio_server.engine.loader import ModelBundle, room_after_prompt
 from oai_audio_server.engine.types import (
     Failed,
@@ -108,7 +109,7 @@ def sampling_params(
         raise InvalidRequestError(
             f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop"
         )
-    if request.n != 1:
+    if request.n not in (None, 1):
         raise InvalidRequestError("only n=1 is supported", param="n")
 
     if request.temperature is not None:
@@ -157,6 +158,7 @@ class ChatService:
 
     async def prepare(self, request: ChatCompletionRequest) -> PreparedGeneration:
         model_name = check_model(self._settings, request.model)
+        reject_unsupported(request)
         bundle = self._runtime.engine.bundle
         conversation = await self.conversation(request)
         prompt = self._runtime.prompt_builder.build(conversation)

@@ -1,0 +1,65 @@
+"""Request fields that ask for something this model cannot give: a 400 that says so.
+
+Chat UIs send some fields with every request (``tools`` with ``tool_choice`` "auto",
+``response_format`` {"type": "text"}, ``logprobs`` false), so those are accepted and
+answered with plain text. A request that relies on the feature (log probabilities, JSON
+or schema output, a forced tool call, spoken output) would get a 200 it cannot use and
+fail later in the client, so it is refused up front instead, naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oai_audio_server.errors import InvalidRequestError
+from oai_audio_server.protocol import ChatCompletionRequest
+
+TEXT_ONLY_TOOL_CHOICES = (None, "auto", "none")
+
+
+def reject_unsupported(request: ChatCompletionRequest) -> None:
+    if request.logprobs:
+        raise InvalidRequestError(
+            "log probabilities are not returned by this server; leave logprobs out or "
+            "set it to false",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
+    if request.top_logprobs:
+        raise InvalidRequestError(
+            "top_logprobs needs log probabilities, which this server does not return; "
+            "leave it out or set it to 0",
+            param="top_logprobs",
+            code="unsupported_parameter",
+        )
+    format_type = _type_of(request.response_format)
+    if format_type not in (None, "text"):
+        raise InvalidRequestError(
+            f"response_format {format_type!r} is not supported: this server cannot constrain "
+            "the model's output to JSON; use {\"type\": \"text\"} and ask for JSON in the "
+            "prompt",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    choice = request.tool_choice
+    if choice not in TEXT_ONLY_TOOL_CHOICES:
+        forced = choice if isinstance(choice, str) else "a named function"
+        raise InvalidRequestError(
+            f"tool_choice {forced!r} asks for a tool call, and this model does not call "
+            "tools; use \"auto\" or \"none\" (the answer is then text)",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
+    if request.modalities and any(m != "text" for m in request.modalities):
+        raise InvalidRequestError(
+            "this model answers with text only; set modalities to [\"text\"] or leave it out",
+            param="modalities",
+            code="unsupported_parameter",
+        )
+
+
+def _type_of(response_format: dict[str, Any] | None) -> str | None:
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    return kind if isinstance(kind, str) else repr(kind)
