@@ -108,6 +108,13 @@ class RequestTimeoutError(APIError):
     error_type = "timeout_error"
     default_code = "request_timeout"
 
+    def __init__(self, message: str, *, worth_retrying: bool = True) -> None:
+        # The OpenAI SDKs retry a 408 unless the server says otherwise. A request that
+        # timed out in the queue may get in on a retry; one that ran out of time while
+        # generating would only run out of time again, so tell the SDK not to retry.
+        headers = {} if worth_retrying else {"x-should-retry": "false"}
+        super().__init__(message, headers=headers)
+
 
 class NotReadyError(APIError):
     """The model is still loading (or the server is shutting down)."""

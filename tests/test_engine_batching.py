@@ -352,15 +352,18 @@ def test_deadline_fails_a_running_row_and_a_waiting_one_on_time(
     assert len(solo(bundle, [long_running])[0].finished.token_ids) == 600
 
     async def scenario(engine: BatchingEngine) -> tuple[Outcome, Outcome, bool]:
-        first = asyncio.create_task(collect(engine.submit(long_running)))
+        first_handle = engine.submit(long_running)
+        first = asyncio.create_task(collect(first_handle))
         await wait_until(lambda: engine.stats()["batch_size"] == 1, "the first row")
         # Waits behind a batch of one: must fail at its deadline, not when the batch drains.
         late = replace(long_running, request_id="late", deadline=time.monotonic() + 0.05)
         queued = await collect(engine.submit(late))
         still_running = not first.done()
-        running_late = replace(long_running, request_id="x", deadline=time.monotonic() + 0.1)
+        first_handle.cancel()  # the batch is free for the next one at the next step
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
+        await wait_until(lambda: engine.stats()["batch_size"] == 0, "the cancel")
+        running_late = replace(long_running, request_id="x", deadline=time.monotonic() + 0.1)
         # Also fails mid-generation once its deadline passes.
         timed_out = await collect(engine.submit(running_late))
         return queued, timed_out, still_running
@@ -372,6 +375,9 @@ def test_deadline_fails_a_running_row_and_a_waiting_one_on_time(
         assert isinstance(outcome.end.error, RequestTimeoutError)
         assert outcome.end.error.status == 408
     assert still_running
+    # A retry may get a queued request in; a generation cut off would be cut off again.
+    assert "x-should-retry" not in queued.end.error.headers
+    assert timed_out.end.error.headers["x-should-retry"] == "false"
 
 
 def test_full_queue_is_overloaded_with_retry_after(

@@ -386,8 +386,17 @@ class BatchingEngine:
             return True
         deadline = handle.request.deadline
         if deadline is not None and now > deadline:
-            where = " waiting for the model" if waiting else ""
-            self._fail(handle, RequestTimeoutError(f"the request timed out{where}"))
+            if waiting:
+                error = RequestTimeoutError(
+                    "the request timed out waiting for the model; the server is busy"
+                )
+            else:
+                error = RequestTimeoutError(
+                    "the answer was not finished within the server's request timeout; ask "
+                    "for fewer tokens (max_tokens) or send less input",
+                    worth_retrying=False,
+                )
+            self._fail(handle, error)
             return True
         return False
 
