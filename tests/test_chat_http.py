@@ -289,7 +289,20 @@ def test_fields_that_need_a_missing_feature_are_400(
 
 
 def test_unknown_route_is_openai_shaped_404(server: ServerProcess) -> None:
-    assert_error(httpx.get(server.api_url + "/nothing-here"), 404)
+    error = assert_error(httpx.get(server.api_url + "/nothing-here"), 404)
+    assert "GET /v1/nothing-here" in error["message"]
+
+
+def test_wrong_method_is_405_with_allow(server: ServerProcess) -> None:
+    reply = httpx.get(server.api_url + "/chat/completions")
+    error = assert_error(reply, 405, code="method_not_allowed")
+    assert "POST" in reply.headers["allow"] and "use POST" in error["message"]
+
+
+def test_head_probes_of_health_and_live(server: ServerProcess) -> None:
+    for path in ("/health", "/live"):
+        reply = httpx.head(server.base_url + path)
+        assert reply.status_code == 200 and reply.content == b""
 
 
 def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:

@@ -58,30 +58,42 @@ def error_response(error: APIError) -> Response[Any]:
     )
 
 
-def _from_http_exception(exc: HTTPException) -> APIError:
+def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIError:
     status = exc.status_code
     detail = str(exc.detail or "")
+    where = f"{request.method} {request.url.path}"
+    error: APIError
     if status == 404:
-        return NotFoundError(f"no such route: {detail or 'not found'}", code="not_found")
-    if status == 413:
-        return PayloadTooLargeError(
+        error = NotFoundError(
+            f"no route for {where}; the OpenAI API is under /v1 (see /docs)", code="not_found"
+        )
+    elif status == 413:
+        error = PayloadTooLargeError(
             "the request body is too large; send smaller or fewer audio files "
             "(the limit is the server's --max-body-bytes)"
         )
-    if status == 405:
-        return InvalidRequestError(
-            detail or "method not allowed", code="method_not_allowed", status=405
+    elif status == 405:
+        allow = (exc.headers or {}).get("allow", "")
+        methods = [m.strip() for m in allow.split(",") if m.strip() not in ("", "OPTIONS")]
+        error = InvalidRequestError(
+            f"{where} is not supported; use {' or '.join(methods) or 'another method'} "
+            "for this path",
+            code="method_not_allowed",
+            status=405,
         )
-    if 400 <= status < 500:
-        return InvalidRequestError(detail or "bad request", status=status)
-    return APIError(detail or "internal server error")
+    elif 400 <= status < 500:
+        error = InvalidRequestError(detail or "bad request", status=status)
+    else:
+        error = APIError(detail or "internal server error")
+    error.headers.update(exc.headers or {})  # Allow on a 405 (RFC 9110), Retry-After, ...
+    return error
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, APIError):
         error = exc
     elif isinstance(exc, HTTPException):
-        error = _from_http_exception(exc)
+        error = _from_http_exception(request, exc)
     else:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         error = APIError(f"internal server error: {type(exc).__name__}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from litestar import Request, Response, get, post
+from litestar import Request, Response, get, head, post
 from litestar.response import Stream
 
 from oai_audio_server.chat.service import ChatService, check_model
@@ -88,4 +88,15 @@ def build_routes(runtime: Runtime) -> list[Any]:
     async def live() -> Response[bytes]:
         return json_response({"status": "alive"})
 
-    return [chat_completions, list_models, get_model, health, live]
+    # Uptime checkers often probe with HEAD: the same statuses, without a body.
+    @head("/health", summary="Readiness, without a body")
+    async def health_head() -> Response[None]:
+        if runtime.engine.ready:
+            return Response(content=None, status_code=200)
+        return Response(content=None, status_code=503, headers={"Retry-After": "5"})
+
+    @head("/live", summary="Liveness, without a body")
+    async def live_head() -> Response[None]:
+        return Response(content=None, status_code=200)
+
+    return [chat_completions, list_models, get_model, health, live, health_head, live_head]
