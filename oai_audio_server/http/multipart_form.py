@@ -54,8 +54,10 @@ def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPar
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
+        problem = "has no boundary" if kind == b"multipart/form-data" else "is not multipart"
         raise InvalidRequestError(
-            "send the request as multipart/form-data (a 'file' part and an optional 'text' field)",
+            f"the request's Content-Type {problem}; send the form as multipart/form-data "
+            "with a boundary (HTTP clients add it when given the form's fields and file)",
             code="invalid_content_type",
         )
     parts: list[FormPart] = []

@@ -46,8 +46,12 @@ def test_multipart_keeps_binary_and_names_in_memory() -> None:
 
 
 def test_multipart_rejects_other_bodies() -> None:
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError, match="is not multipart"):
         parse_multipart(b"{}", "application/json")
+    # A hand-set Content-Type without the boundary: say that, not what fields to send.
+    with pytest.raises(InvalidRequestError, match="has no boundary") as caught:
+        parse_multipart(b"garbage", "multipart/form-data")
+    assert "'text'" not in caught.value.message
     with pytest.raises(InvalidRequestError):
         parse_multipart(b"garbage", "multipart/form-data; boundary=abc")
 
