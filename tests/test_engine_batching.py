@@ -380,6 +380,21 @@ def test_deadline_fails_a_running_row_and_a_waiting_one_on_time(
     assert timed_out.end.error.headers["x-should-retry"] == "false"
 
 
+def test_peak_batch_counts_rows_that_finish_with_their_first_token(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    one_token = request(builder, "one", TextItem("Hello"), max_tokens=1)
+
+    async def scenario(engine: BatchingEngine) -> Outcome:
+        return await collect(engine.submit(one_token))
+
+    with engine_for(bundle, max_batch_size=8) as engine:
+        outcome = run(scenario(engine))
+        stats = engine.stats()
+    assert outcome.finished.completion_tokens == 1
+    assert stats["peak_batch_size"] == 1 and stats["batch_size"] == 0
+
+
 def test_full_queue_is_overloaded_with_retry_after(
     bundle: ModelBundle, builder: QwenPromptBuilder
 ) -> None:

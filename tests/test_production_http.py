@@ -144,7 +144,11 @@ def test_cors_headers_on_replies_and_on_401(secured: ServerProcess) -> None:
 
 
 def scrape(server: ServerProcess) -> dict[str, list]:
-    text = httpx.get(server.base_url + "/metrics", headers=AUTH).text
+    reply = httpx.get(server.base_url + "/metrics", headers=AUTH)
+    # Prometheus' text format, with each parameter once (a duplicated charset was sent).
+    params = [p.strip().split("=")[0] for p in reply.headers["content-type"].split(";")]
+    assert params[0] == "text/plain" and "version" in params and params.count("charset") == 1
+    text = reply.text
     samples: dict[str, list] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -157,6 +161,20 @@ def value(samples: dict[str, list], name: str, **labels: str) -> float:
                if all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def scrape_once_recorded(server: ServerProcess, before: dict[str, list], route: str,
+                         requests: int) -> dict[str, list]:
+    """A request is recorded when the app is done with it, which can be a moment after
+    the client has the whole reply: scrape until ``requests`` more on ``route`` are in."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(server)
+        grown = (value(after, "oas_http_requests_total", route=route)
+                 - value(before, "oas_http_requests_total", route=route))
+        if grown >= requests or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def test_metrics_after_requests(secured: ServerProcess) -> None:
     before = scrape(secured)
     client = sdk(secured)
@@ -165,7 +183,7 @@ def test_metrics_after_requests(secured: ServerProcess) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
     list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, stream=True))
     assert reply.usage is not None
-    after = scrape(secured)
+    after = scrape_once_recorded(secured, before, "/v1/chat/completions", 2)
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -193,7 +211,7 @@ def test_transcriptions_count_tokens_and_audio_seconds(secured: ServerProcess) -
     text = client.audio.transcriptions.create(model=MODEL, file=audio).text
     assert text, "the tiny model answers this clip with some text"
     list(client.audio.transcriptions.create(model=MODEL, file=audio, stream=True))
-    after = scrape(secured)
+    after = scrape_once_recorded(secured, before, "/v1/audio/transcriptions", 2)
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

@@ -297,8 +297,6 @@ class BatchingEngine:
                     self._fail_after_fault(bundle, unique, exc)
                     batch = None
                 self._batch_size = len(batch.rows) if batch else 0
-                if self._batch_size > self._counters["peak_batch_size"]:
-                    self._counters["peak_batch_size"] = self._batch_size
                 try:
                     self._outbox.flush()
                     if self._on_step is not None:
@@ -327,6 +325,11 @@ class BatchingEngine:
             if joined is not None:
                 batch = joined if batch is None else batch.extend(joined)
             self._outbox.flush()  # first tokens out now: time to first token
+        if batch is not None:
+            # Largest now: rows that finish with their first token leave before the step
+            # ends.
+            peak = max(self._counters["peak_batch_size"], len(batch.rows))
+            self._counters["peak_batch_size"] = peak
         batch = self._retire(batch)
         if batch is not None:
             live = [row.handle for row in batch.rows]

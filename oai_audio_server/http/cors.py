@@ -17,7 +17,7 @@ def cors_config(settings: Settings) -> CORSConfig | None:
         # Browsers ask to send Authorization and Content-Type (and SDK headers such as
         # x-stainless-*); the key itself is checked on the real request, not the preflight.
         allow_headers=["*"],
-        expose_headers=[REQUEST_ID_HEADER.decode(), "Retry-After"],
+        expose_headers=[REQUEST_ID_HEADER.decode(), "Retry-After", "x-should-retry"],
         allow_credentials=False,
         max_age=600,
     )

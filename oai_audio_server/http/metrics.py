@@ -22,6 +22,11 @@ from oai_audio_server.http.request_log import RequestRecord
 from oai_audio_server.runtime import Runtime
 
 PREFIX = "oas"
+# Litestar adds "; charset=utf-8" to text types itself: without this, it came twice.
+EXPOSITION_MEDIA_TYPE = "; ".join(
+    p for p in (part.strip() for part in CONTENT_TYPE_LATEST.split(";"))
+    if not p.startswith("charset=")
+)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 # Engine figures that are levels, not running totals.
@@ -147,6 +152,6 @@ class RuntimeCollector(Collector):
 def build_metrics_routes(metrics: ServerMetrics) -> list[Any]:
     @get("/metrics", summary="Prometheus metrics (text exposition format)")
     async def prometheus_metrics() -> Response[bytes]:
-        return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(content=metrics.render(), media_type=EXPOSITION_MEDIA_TYPE)
 
     return [prometheus_metrics]
