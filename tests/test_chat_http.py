@@ -39,6 +39,8 @@ def test_models_lists_every_served_name(client: openai.OpenAI) -> None:
 def test_health_is_ready(server: ServerProcess) -> None:
     reply = httpx.get(server.base_url + "/health")
     assert reply.status_code == 200 and reply.json()["status"] == "ok"
+    counts = {k: v for k, v in reply.json().items() if k != "status"}
+    assert "batch_size" in counts and all(type(v) is int for v in counts.values()), counts
 
 
 def test_json_completion_shape_and_usage(client: openai.OpenAI) -> None:

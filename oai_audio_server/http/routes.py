@@ -77,7 +77,9 @@ def build_routes(runtime: Runtime) -> list[Any]:
     async def health() -> Response[Any]:
         engine = runtime.engine
         if engine.ready:
-            return json_response({"status": "ok", **engine.stats()})
+            # Every engine figure is a count; JSON readers expect integers, not 3.0.
+            counts = {name: int(value) for name, value in engine.stats().items()}
+            return json_response({"status": "ok", **counts})
         if engine.load_error is not None:
             message = f"model failed to load: {engine.load_error}"
         else:
