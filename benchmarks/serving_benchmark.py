@@ -268,7 +268,7 @@ def print_table(results: list[LevelResult], mode: str) -> None:
     for r in results:
         ttfts = [s.ttft * 1000 for s in r.samples]
         lats = [s.latency * 1000 for s in r.samples]
-        print(f"| {r.concurrency:>7} | {r.requests:>8} | {r.errors:>6} | "
+        print(f"| {r.concurrency:>7} | {len(r.samples):>8} | {r.errors:>6} | "
               f"{len(r.samples) / r.wall:>7.2f} | {r.tokens / r.wall:>9.1f} | "
               f"{percentile(ttfts, 50):>7.1f}ms | {percentile(ttfts, 95):>7.1f}ms | "
               f"{percentile(lats, 50):>6.1f}ms | {percentile(lats, 95):>6.1f}ms | "
@@ -383,8 +383,9 @@ def main() -> None:
                                         stream=(mode == "streaming")))
                 for c in levels
             ], mode)
-        print("(prefills: model calls that started requests; rows/step: mean batch size of "
-              "the decode steps; not streamed, TTFT is the whole answer's latency)\n")
+        print("(requests: the answered ones; prefills: model calls that started requests; "
+              "rows/step: mean batch size of the decode steps; not streamed, TTFT is the "
+              "whole answer's latency)\n")
         baselines = Baselines(model_dir, args.device, prompts, args.max_tokens)
         rounds = target_rounds(server, baselines, prompts, args.requests, args.max_tokens,
                                args.rounds)

@@ -72,9 +72,11 @@ def request_body(i: int) -> dict[str, Any]:
             "seed": i, "stream": bool(i % 2)}
 
 
-async def run_requests(server: ServerProcess, count: int, clients: int) -> list[str]:
+async def run_requests(server: ServerProcess, count: int, clients: int) -> tuple[int, list[str]]:
+    """How many requests got a whole, error-free answer, and what went wrong with the rest."""
     url = server.api_url + "/chat/completions"
     errors: list[str] = []
+    answered = 0
 
     async def send(client: httpx.AsyncClient, index: int) -> None:
         body = request_body(index)
@@ -86,11 +88,14 @@ async def run_requests(server: ServerProcess, count: int, clients: int) -> list[
                 errors.append(f"{index}: stream did not finish: {reply.text[-200:]}")
             elif body["stream"] and '"error"' in reply.text:
                 errors.append(f"{index}: error event: {reply.text[-300:]}")
+            else:
+                nonlocal answered
+                answered += 1
         except httpx.HTTPError as exc:
             errors.append(f"{index}: {type(exc).__name__}: {exc}")
 
     await closed_loop_clients(count, clients, send)
-    return errors
+    return answered, errors
 
 
 def main() -> None:
@@ -118,17 +123,20 @@ def main() -> None:
              "--max-queue", str(4 * args.clients)]
     with running_server(model_dir, work, *flags, env=env) as server:
         pid = server.process.pid
-        warm_errors = asyncio.run(run_requests(server, args.warmup, args.clients))
+        _, warm_errors = asyncio.run(run_requests(server, args.warmup, args.clients))
         time.sleep(0.5)
         processes = len(process_tree(pid))
         rss_before, threads_before = tree_status(pid, "VmRSS"), tree_status(pid, "Threads")
         files_before = set(os.listdir(server_tmp))
         start = time.perf_counter()
         errors: list[str] = []
+        answered = 0
         rss_trace: list[int] = []  # RSS after each fifth of the run: a leak keeps climbing
         for fifth in range(5):
             share = args.requests * (fifth + 1) // 5 - args.requests * fifth // 5
-            errors += asyncio.run(run_requests(server, share, args.clients))
+            done, failed = asyncio.run(run_requests(server, share, args.clients))
+            answered += done
+            errors += failed
             rss_trace.append(tree_status(pid, "VmRSS"))
         wall = time.perf_counter() - start
         time.sleep(0.5)
@@ -143,6 +151,7 @@ def main() -> None:
     rows = [
         ("requests (after warm-up)", f"{args.requests} with {args.clients} clients"),
         ("wall time", f"{wall:.1f} s ({args.requests / wall:.1f} req/s)"),
+        ("answered", f"{answered} of {args.requests}"),
         ("errors", f"{len(errors)} (warm-up {len(warm_errors)})"),
         ("leaked temp files", str(len(leaked))),
         ("RSS (all processes) after warm-up / at end",

@@ -37,7 +37,9 @@ def test_serving_benchmark_runs(tiny_checkpoint: Path) -> None:
     for clients in ("1", "2"):
         rows = table_rows(output, clients)
         assert len(rows) == 2, output  # streamed and not streamed
-        assert all(row[1] == "4" and row[2] == "0" for row in rows), output  # no errors
+        # All 4 answered, none failed, and tokens came back.
+        assert all(row[1] == "4" and row[2] == "0" for row in rows), output
+        assert all(float(row[4]) > 0 for row in rows), output
     assert len(table_rows(output, "streaming")) == 1 and len(table_rows(output, "json")) == 1
     assert "median 8-client throughput ratio" in output
 
@@ -45,5 +47,6 @@ def test_serving_benchmark_runs(tiny_checkpoint: Path) -> None:
 def test_soak_runs_clean(tiny_checkpoint: Path) -> None:
     output = run("soak.py", str(tiny_checkpoint), "--clients", "4", "--requests", "20",
                  "--warmup", "4", "--torch-threads", "1")
+    assert table_rows(output, "answered") == [["answered", "20 of 20"]], output
     assert table_rows(output, "errors") == [["errors", "0 (warm-up 0)"]], output
     assert table_rows(output, "leaked temp files") == [["leaked temp files", "0"]], output

@@ -280,6 +280,7 @@ def test_null_n_and_stream_mean_the_defaults(server: ServerProcess) -> None:
     ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ("modalities", ["text", "audio"]),
+    ("function_call", {"name": "f"}),
 ])
 def test_fields_that_need_a_missing_feature_are_400(
     server: ServerProcess, field: str, value: object
@@ -288,6 +289,16 @@ def test_fields_that_need_a_missing_feature_are_400(
     error = assert_error(post(server, user("hi") | {field: value}), 400, param=field,
                          code="unsupported_parameter")
     assert field in error["message"] or "tool" in error["message"]
+
+
+def test_tool_choice_allowed_tools_in_auto_mode_and_a_typeless_format(
+    server: ServerProcess,
+) -> None:
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}
+    reply = post(server, user("hi") | {"tool_choice": allowed, "function_call": "auto"})
+    assert reply.status_code == 200, reply.text
+    assert_error(post(server, user("hi") | {"response_format": {}}), 400,
+                 param="response_format.type")
 
 
 def test_unknown_route_is_openai_shaped_404(server: ServerProcess) -> None:
@@ -305,6 +316,7 @@ def test_head_probes_of_health_and_live(server: ServerProcess) -> None:
     for path in ("/health", "/live"):
         reply = httpx.head(server.base_url + path)
         assert reply.status_code == 200 and reply.content == b""
+        assert reply.headers.get("content-length", "0") == "0"
 
 
 def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:

@@ -82,7 +82,7 @@ def run(work: Awaitable[T]) -> T:
 
 
 @contextmanager
-def engine_for(bundle: ModelBundle, **limits: int) -> Iterator[BatchingEngine]:
+def engine_for(bundle: ModelBundle, **limits: Any) -> Iterator[BatchingEngine]:
     engine = BatchingEngine(lambda: bundle, **limits)
     engine.start()
     deadline = time.monotonic() + 30
@@ -393,6 +393,27 @@ def test_peak_batch_counts_rows_that_finish_with_their_first_token(
         stats = engine.stats()
     assert outcome.finished.completion_tokens == 1
     assert stats["peak_batch_size"] == 1 and stats["batch_size"] == 0
+
+
+def test_a_row_cancelled_between_steps_empties_the_reported_batch(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """Cancelled right after a step (here from the step hook), the row leaves before the
+    next one; /health must then say the batch is empty, not wait for the next request."""
+    running: list[RequestHandle] = []
+
+    def cancel_after_three_steps() -> None:
+        if running and engine.stats()["decode_steps"] >= 3:
+            running[0].cancel()
+
+    async def scenario(engine: BatchingEngine) -> None:
+        running.append(engine.submit(request(builder, "long", TextItem("Hello"),
+                                             max_tokens=600)))
+        await wait_until(lambda: engine.stats()["cancelled"] == 1, "the cancel")
+        await wait_until(lambda: engine.stats()["batch_size"] == 0, "an empty batch", 5.0)
+
+    with engine_for(bundle, max_batch_size=8, on_step=cancel_after_three_steps) as engine:
+        run(scenario(engine))
 
 
 def test_full_queue_is_overloaded_with_retry_after(

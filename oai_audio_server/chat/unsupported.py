@@ -32,22 +32,36 @@ def reject_unsupported(request: ChatCompletionRequest) -> None:
             param="top_logprobs",
             code="unsupported_parameter",
         )
-    format_type = _type_of(request.response_format)
-    if format_type not in (None, "text"):
+    response_format = request.response_format
+    if response_format is not None:
+        kind = response_format.get("type")
+        if not isinstance(kind, str):
+            raise InvalidRequestError(
+                "response_format needs a \"type\"; this server supports \"text\"",
+                param="response_format.type",
+            )
+        if kind != "text":
+            raise InvalidRequestError(
+                f"response_format type {kind!r} is not supported: this server cannot "
+                "constrain the model's output to JSON; use {\"type\": \"text\"} and ask "
+                "for JSON in the prompt",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+    if not _text_only(request.tool_choice):
+        choice = request.tool_choice
+        forced = repr(choice) if isinstance(choice, str) else "a named function"
         raise InvalidRequestError(
-            f"response_format {format_type!r} is not supported: this server cannot constrain "
-            "the model's output to JSON; use {\"type\": \"text\"} and ask for JSON in the "
-            "prompt",
-            param="response_format",
-            code="unsupported_parameter",
-        )
-    choice = request.tool_choice
-    if choice not in TEXT_ONLY_TOOL_CHOICES:
-        forced = choice if isinstance(choice, str) else "a named function"
-        raise InvalidRequestError(
-            f"tool_choice {forced!r} asks for a tool call, and this model does not call "
+            f"tool_choice asks for a tool call ({forced}), and this model does not call "
             "tools; use \"auto\" or \"none\" (the answer is then text)",
             param="tool_choice",
+            code="unsupported_parameter",
+        )
+    if request.function_call not in TEXT_ONLY_TOOL_CHOICES:
+        raise InvalidRequestError(
+            "function_call asks for a function call, and this model does not call "
+            "functions; use \"auto\" or \"none\" (the answer is then text)",
+            param="function_call",
             code="unsupported_parameter",
         )
     if request.modalities and any(m != "text" for m in request.modalities):
@@ -58,8 +72,12 @@ def reject_unsupported(request: ChatCompletionRequest) -> None:
         )
 
 
-def _type_of(response_format: dict[str, Any] | None) -> str | None:
-    if response_format is None:
-        return None
-    kind = response_format.get("type")
-    return kind if isinstance(kind, str) else repr(kind)
+def _text_only(tool_choice: Any) -> bool:
+    """Choices that let the model answer without calling a tool, as it always does here:
+    none given, "auto", "none", or the allowed-tools form in "auto" mode."""
+    if tool_choice in TEXT_ONLY_TOOL_CHOICES:
+        return True
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        allowed = tool_choice.get("allowed_tools")
+        return isinstance(allowed, dict) and allowed.get("mode", "auto") == "auto"
+    return False

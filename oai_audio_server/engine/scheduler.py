@@ -101,6 +101,8 @@ class RequestHandle:
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = False
         self.queued_at_step = 0  # the engine's decode step count when it was queued
+        self.queued_at = time.monotonic()
+        self.admitted_at: float | None = None  # when it left the queue for the batch
 
     def emit(self, event: GenerationEvent) -> None:
         """Deliver one event at once (from outside the worker's step)."""
@@ -158,6 +160,22 @@ def _audio_marker_ids(tokenizer: Any) -> frozenset[int]:
         return frozenset()
     end = getattr(tokenizer, "audio_end_id", start + 1)
     return frozenset({int(start), int(start) + 1, int(end)})
+
+
+def _timeout_error(handle: RequestHandle, now: float, deadline: float) -> RequestTimeoutError:
+    """Why the request ran out of time, and whether a retry can help: a request that
+    spent most of its time waiting for the model may get through when the server is less
+    busy; one that spent most of it generating would run out of time again."""
+    generating = now - handle.admitted_at if handle.admitted_at is not None else 0.0
+    if generating * 2 < deadline - handle.queued_at:
+        return RequestTimeoutError(
+            "the request timed out waiting for the model; the server is busy, retry later"
+        )
+    return RequestTimeoutError(
+        f"the model did not finish within the server's request timeout (it generated for "
+        f"{generating:.1f} s); a shorter input or answer finishes sooner",
+        worth_retrying=False,
+    )
 
 
 class BatchingEngine:
@@ -274,6 +292,11 @@ class BatchingEngine:
         with torch.inference_mode():
             while True:
                 batch = self._retire(batch)  # gone rows neither take room nor get rebuilt
+                if batch is None and self._batch_size:
+                    # The last rows were cancelled between steps: report the empty batch
+                    # before idling, not when the next request arrives.
+                    self._batch_size = 0
+                    self._after_step()
                 with self._cond:
                     while not self._stopping and batch is None and not self._waiting:
                         self._cond.wait(timeout=1.0)
@@ -297,12 +320,7 @@ class BatchingEngine:
                     self._fail_after_fault(bundle, unique, exc)
                     batch = None
                 self._batch_size = len(batch.rows) if batch else 0
-                try:
-                    self._outbox.flush()
-                    if self._on_step is not None:
-                        self._on_step()
-                except Exception:  # a sink that cannot deliver must not end the worker
-                    logger.exception("delivering events failed")
+                self._after_step()
         # shutting down: nobody will serve what is left
         for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
             self._fail(handle, NotReadyError("the server is shutting down"))
@@ -319,23 +337,34 @@ class BatchingEngine:
             rebuilt = self._guarded(bundle, admitted, self._rebuild, bundle, batch, admitted)
             if rebuilt is not None:
                 batch = rebuilt
+                self._note_peak(batch)
             self._outbox.flush()
         elif admitted:
             joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
             if joined is not None:
                 batch = joined if batch is None else batch.extend(joined)
+                self._note_peak(batch)
             self._outbox.flush()  # first tokens out now: time to first token
-        if batch is not None:
-            # Largest now: rows that finish with their first token leave before the step
-            # ends.
-            peak = max(self._counters["peak_batch_size"], len(batch.rows))
-            self._counters["peak_batch_size"] = peak
         batch = self._retire(batch)
         if batch is not None:
             live = [row.handle for row in batch.rows]
             stepped = self._guarded(bundle, live, self._decode_step, bundle, batch)
             batch = self._retire(batch) if stepped is not None else None
         return batch
+
+    def _after_step(self) -> None:
+        try:
+            self._outbox.flush()
+            if self._on_step is not None:
+                self._on_step()
+        except Exception:  # a sink that cannot deliver must not end the worker
+            logger.exception("delivering events failed")
+
+    def _note_peak(self, batch: Batch) -> None:
+        """Before the step's events go out (a reader may check the stats on the reply):
+        the batch is largest now, before rows that finished with their first token leave."""
+        peak = max(self._counters["peak_batch_size"], len(batch.rows))
+        self._counters["peak_batch_size"] = peak
 
     def _guarded(
         self,
@@ -377,29 +406,19 @@ class BatchingEngine:
         that left or ran out of time neither holds a queue slot nor waits for its error
         until a full batch drains. Caller holds the lock."""
         now = time.monotonic()
-        keep = [h for h in self._waiting if not self._gone(h, now, waiting=True)]
+        keep = [h for h in self._waiting if not self._gone(h, now)]
         if len(keep) != len(self._waiting):
             self._waiting.clear()
             self._waiting.extend(keep)
 
-    def _gone(self, handle: RequestHandle, now: float, *, waiting: bool) -> bool:
+    def _gone(self, handle: RequestHandle, now: float) -> bool:
         """Whether a request is cancelled or past its deadline (then failed here)."""
         if handle.cancelled:
             self._counters["cancelled"] += 1
             return True
         deadline = handle.request.deadline
         if deadline is not None and now > deadline:
-            if waiting:
-                error = RequestTimeoutError(
-                    "the request timed out waiting for the model; the server is busy"
-                )
-            else:
-                error = RequestTimeoutError(
-                    "the answer was not finished within the server's request timeout; ask "
-                    "for fewer tokens (max_tokens) or send less input",
-                    worth_retrying=False,
-                )
-            self._fail(handle, error)
+            self._fail(handle, _timeout_error(handle, now, deadline))
             return True
         return False
 
@@ -436,8 +455,10 @@ class BatchingEngine:
             )
         queued = list(self._waiting)
         admitted = [queued[i] for i in plan.admit]
+        now = time.monotonic()
         for handle in admitted:
             self._waiting.remove(handle)
+            handle.admitted_at = now
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
         return plan, admitted
@@ -618,6 +639,6 @@ class BatchingEngine:
         keep = [
             i
             for i, row in enumerate(batch.rows)
-            if not row.finished and not self._gone(row.handle, now, waiting=False)
+            if not row.finished and not self._gone(row.handle, now)
         ]
         return batch.keep(keep) if keep else None

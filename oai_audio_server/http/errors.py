@@ -65,7 +65,7 @@ def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) ->
     error: APIError
     if status == 404:
         error = NotFoundError(
-            f"no route for {where}; the OpenAI API is under /v1 (see /docs)", code="not_found"
+            f"no route for {where}; /docs lists this server's routes", code="not_found"
         )
     elif status == 413:
         error = PayloadTooLargeError(

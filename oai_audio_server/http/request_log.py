@@ -112,11 +112,30 @@ class RequestTracker:
         scope.setdefault("state", {})[STATE_KEY] = record
         request_id = record.request_id.encode()
 
+        finished = False
+
+        def finish() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            record.latency_seconds = time.monotonic() - record.started
+            record.route = str(scope.get("path_template") or UNMATCHED_ROUTE)
+            for sink in self._sinks:
+                try:
+                    sink(record)
+                except Exception:  # a broken sink must not break the reply
+                    logger.exception("request sink failed")
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 headers = [*message.get("headers", ()), (REQUEST_ID_HEADER, request_id)]
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Recorded before the reply's last bytes go out, so a client that reads
+                # /metrics or the log right after its reply finds its request there.
+                finish()
             await send(message)
 
         try:
@@ -126,13 +145,7 @@ class RequestTracker:
                 record.status = 500
             raise
         finally:
-            record.latency_seconds = time.monotonic() - record.started
-            record.route = str(scope.get("path_template") or UNMATCHED_ROUTE)
-            for sink in self._sinks:
-                try:
-                    sink(record)
-                except Exception:  # a broken sink must not break the reply
-                    logger.exception("request sink failed")
+            finish()  # a reply that never completed (client gone, failure)
 
 
 def log_request(record: RequestRecord) -> None:

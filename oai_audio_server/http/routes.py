@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from litestar import Request, Response, get, head, post
+from litestar.enums import MediaType
 from litestar.response import Stream
 
 from oai_audio_server.chat.service import ChatService, check_model
@@ -94,11 +95,16 @@ def build_routes(runtime: Runtime) -> list[Any]:
     @head("/health", summary="Readiness, without a body")
     async def health_head() -> Response[None]:
         if runtime.engine.ready:
-            return Response(content=None, status_code=200)
-        return Response(content=None, status_code=503, headers={"Retry-After": "5"})
+            return _no_body(200)
+        return _no_body(503, headers={"Retry-After": "5"})
 
     @head("/live", summary="Liveness, without a body")
     async def live_head() -> Response[None]:
-        return Response(content=None, status_code=200)
+        return _no_body(200)
 
     return [chat_completions, list_models, get_model, health, live, health_head, live_head]
+
+
+def _no_body(status: int, headers: dict[str, str] | None = None) -> Response[None]:
+    # A JSON media type would render None as "null" (Content-Length 4 on a HEAD reply).
+    return Response(content=None, status_code=status, headers=headers, media_type=MediaType.TEXT)
