@@ -109,9 +109,6 @@ def sampling_params(
         raise InvalidRequestError(
             f"at most {MAX_STOP_STRINGS} stop strings are allowed", param="stop"
         )
-    if request.n not in (None, 1):
-        raise InvalidRequestError("only n=1 is supported", param="n")
-
     if request.temperature is not None:
         temperature = request.temperature
     else:

@@ -18,6 +18,13 @@ TEXT_ONLY_TOOL_CHOICES = (None, "auto", "none")
 
 
 def reject_unsupported(request: ChatCompletionRequest) -> None:
+    """Checked before any audio is decoded: these cost nothing to refuse."""
+    if request.n not in (None, 1):
+        raise InvalidRequestError(
+            "only n=1 is supported; send one request per answer",
+            param="n",
+            code="unsupported_parameter",
+        )
     if request.logprobs:
         raise InvalidRequestError(
             "log probabilities are not returned by this server; leave logprobs out or "

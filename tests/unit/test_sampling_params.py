@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from oai_audio_server.chat.service import sampling_params
+from oai_audio_server.chat.unsupported import reject_unsupported
 from oai_audio_server.engine.loader import SamplingDefaults
 from oai_audio_server.errors import ContextLengthExceededError, InvalidRequestError
 from oai_audio_server.protocol import ChatCompletionRequest
@@ -70,5 +71,5 @@ def test_limits() -> None:
         sampling_params(req(max_tokens=5000), BUNDLE, SETTINGS, prompt_len=10)
     assert error.value.param == "max_tokens"
     with pytest.raises(InvalidRequestError) as error:
-        sampling_params(req(n=2), BUNDLE, SETTINGS, prompt_len=10)
+        reject_unsupported(req(n=2))  # before any audio is decoded
     assert error.value.param == "n"
