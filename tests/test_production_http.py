@@ -128,8 +128,11 @@ def test_preflight_passes_without_the_key(secured: ServerProcess) -> None:
 def test_preflight_from_another_origin_is_refused(secured: ServerProcess) -> None:
     reply = httpx.options(secured.api_url + "/chat/completions", headers={
         "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
-    assert reply.status_code >= 400
+    assert reply.status_code == 403
     assert "access-control-allow-origin" not in reply.headers
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "cors_origin_not_allowed" and "--allowed-origins" in error["message"]
 
 
 def test_cors_headers_on_replies_and_on_401(secured: ServerProcess) -> None:

@@ -9,7 +9,7 @@ import anyio.to_thread
 from litestar import Litestar
 
 from oai_audio_server.http.auth import api_key_guard
-from oai_audio_server.http.cors import cors_config
+from oai_audio_server.http.cors import PreflightGate, cors_config
 from oai_audio_server.http.docs import build_docs_routes, openapi_config
 from oai_audio_server.http.errors import handle_exception
 from oai_audio_server.http.metrics import ServerMetrics, build_metrics_routes
@@ -46,5 +46,6 @@ def create_app(runtime: Runtime) -> Litestar:
         logging_config=None,  # the CLI configures logging (text or JSON lines)
     )
     # Outside Litestar's own stack, so unmatched routes and preflights are tracked too.
-    app.asgi_handler = RequestTracker(app.asgi_handler, sinks=[metrics.observe, log_request])
+    gated = PreflightGate(app.asgi_handler, settings)
+    app.asgi_handler = RequestTracker(gated, sinks=[metrics.observe, log_request])
     return app

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 from litestar.config.cors import CORSConfig
+from litestar.types import ASGIApp, Receive, Scope, Send
 
+from oai_audio_server.errors import PermissionDeniedError
 from oai_audio_server.http.request_log import REQUEST_ID_HEADER
 from oai_audio_server.settings import Settings
 
@@ -21,3 +24,38 @@ def cors_config(settings: Settings) -> CORSConfig | None:
         allow_credentials=False,
         max_age=600,
     )
+
+
+class PreflightGate:
+    """Refuses a preflight from an origin that --allowed-origins does not list with the
+    usual JSON error body (Litestar's CORS middleware answers it in plain text)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self._app = app
+        self._config = cors_config(settings)  # the same origin rule as the CORS middleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        config = self._config
+        if config is not None and scope["type"] == "http" and scope.get("method") == "OPTIONS":
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            preflight = b"access-control-request-method" in headers
+            if preflight and origin and not config.is_origin_allowed(origin):
+                await _send_error(send, PermissionDeniedError(
+                    f"the origin {origin} may not call this server from a browser; the "
+                    "operator lists allowed origins in --allowed-origins",
+                    code="cors_origin_not_allowed",
+                ))
+                return
+        await self._app(scope, receive, send)
+
+
+async def _send_error(send: Send, error: PermissionDeniedError) -> None:
+    body = msgspec.json.encode(error.to_body())
+    await send({
+        "type": "http.response.start",
+        "status": error.status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body, "more_body": False})
