@@ -79,6 +79,7 @@ async def run_requests(server: ServerProcess, count: int, clients: int) -> tuple
     answered = 0
 
     async def send(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal answered
         body = request_body(index)
         try:
             reply = await client.post(url, json=body)
@@ -89,7 +90,6 @@ async def run_requests(server: ServerProcess, count: int, clients: int) -> tuple
             elif body["stream"] and '"error"' in reply.text:
                 errors.append(f"{index}: error event: {reply.text[-300:]}")
             else:
-                nonlocal answered
                 answered += 1
         except httpx.HTTPError as exc:
             errors.append(f"{index}: {type(exc).__name__}: {exc}")

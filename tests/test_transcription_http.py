@@ -6,15 +6,12 @@ every way of asking gives the same (greedy) text, never particular words.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
 import threading
 import uuid
-from fractions import Fraction
 
-import av
 import httpx
 import numpy as np
 import openai
@@ -60,22 +57,8 @@ def webm_opus(seconds: float) -> bytes:
 def silent_flac(seconds: float) -> bytes:
     """Long but tiny: silence compresses to almost nothing."""
     rate = 8000
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="flac") as output:
-        stream = output.add_stream("flac", rate=rate)
-        stream.layout = "mono"
-        step = rate * 10
-        zeros = np.zeros((1, step), dtype=np.int16)
-        for index in range(int(seconds * rate) // step):
-            frame = av.AudioFrame.from_ndarray(zeros, format="s16", layout="mono")
-            frame.rate = rate
-            frame.pts = index * step
-            frame.time_base = Fraction(1, rate)
-            for packet in stream.encode(frame):
-                output.mux(packet)
-        for packet in stream.encode(None):
-            output.mux(packet)
-    return buffer.getvalue()
+    return encode(np.zeros(int(seconds * rate), dtype=np.float32), rate, container="flac",
+                  codec="flac")
 
 
 def transcribe(client: openai.OpenAI, data: bytes, **kwargs):  # type: ignore[no-untyped-def]

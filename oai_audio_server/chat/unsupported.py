@@ -55,22 +55,16 @@ def reject_unsupported(request: ChatCompletionRequest) -> None:
                 param="response_format",
                 code="unsupported_parameter",
             )
-    if not _text_only(request.tool_choice):
-        choice = request.tool_choice
-        forced = repr(choice) if isinstance(choice, str) else "a named function"
-        raise InvalidRequestError(
-            f"tool_choice asks for a tool call ({forced}), and this model does not call "
-            "tools; use \"auto\" or \"none\" (the answer is then text)",
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
-    if request.function_call not in TEXT_ONLY_TOOL_CHOICES:
-        raise InvalidRequestError(
-            "function_call asks for a function call, and this model does not call "
-            "functions; use \"auto\" or \"none\" (the answer is then text)",
-            param="function_call",
-            code="unsupported_parameter",
-        )
+    for field, choice in (("tool_choice", request.tool_choice),
+                          ("function_call", request.function_call)):
+        if not _text_only(choice):
+            forced = repr(choice) if isinstance(choice, str) else "a named function"
+            raise InvalidRequestError(
+                f"{field} asks for a tool call ({forced}), and this model does not call "
+                "tools; use \"auto\" or \"none\" (the answer is then text)",
+                param=field,
+                code="unsupported_parameter",
+            )
     if request.modalities and any(m != "text" for m in request.modalities):
         raise InvalidRequestError(
             "this model answers with text only; set modalities to [\"text\"] or leave it out",

@@ -31,6 +31,7 @@ def create_app(runtime: Runtime) -> Litestar:
 
     settings = runtime.settings
     metrics = ServerMetrics(runtime)
+    cors = cors_config(settings)
     app = Litestar(
         route_handlers=build_routes(runtime)
         + build_tutorial_routes(runtime)
@@ -41,11 +42,11 @@ def create_app(runtime: Runtime) -> Litestar:
         exception_handlers={Exception: handle_exception},
         request_max_body_size=runtime.settings.max_body_bytes,
         guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
-        cors_config=cors_config(settings),
+        cors_config=cors,
         openapi_config=openapi_config(settings),
         logging_config=None,  # the CLI configures logging (text or JSON lines)
     )
     # Outside Litestar's own stack, so unmatched routes and preflights are tracked too.
-    gated = PreflightGate(app.asgi_handler, settings)
+    gated = PreflightGate(app.asgi_handler, cors)
     app.asgi_handler = RequestTracker(gated, sinks=[metrics.observe, log_request])
     return app

@@ -30,9 +30,9 @@ class PreflightGate:
     """Refuses a preflight from an origin that --allowed-origins does not list with the
     usual JSON error body (Litestar's CORS middleware answers it in plain text)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, config: CORSConfig | None) -> None:
         self._app = app
-        self._config = cors_config(settings)  # the same origin rule as the CORS middleware
+        self._config = config  # the CORS middleware's own: the same origin rule
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         config = self._config
