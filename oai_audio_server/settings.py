@@ -59,7 +59,34 @@ class Settings:
     )
     media_fetch_timeout: float = _setting(10.0, "Seconds allowed to fetch one remote audio.")
     audio_cache_mb: int = _setting(256, "Memory for decoded audio features, in MiB (0 = off).")
-    max_batch_size: int = _setting(8, "Most sequences decoded together in one forward pass.")
+    max_batch_size: int = _setting(
+        0,
+        "Most sequences decoded together in one forward pass; 0 = auto: as many as the KV "
+        "cache holds on a GPU (capped by the CUDA graph sizes), 8 on a CPU.",
+    )
+    max_model_len: int = _setting(
+        0,
+        "Longest prompt + answer in tokens, the length of one KV-cache slot; 0 = the "
+        "checkpoint's max_position_embeddings. Shorter slots fit more sequences.",
+    )
+    kv_cache_memory_mb: int = _setting(
+        0,
+        "Memory for the KV cache in MiB; 0 = auto: --gpu-memory-fraction of the GPU minus "
+        "what the weights use, or on a CPU room for --max-batch-size sequences.",
+    )
+    gpu_memory_fraction: float = _setting(
+        0.9, "Share of the GPU's memory the server may use in all (auto KV-cache size)."
+    )
+    cuda_graphs: bool = _setting(
+        True,
+        "Replay decode steps from CUDA graphs captured at start (GPU only); "
+        "--no-cuda-graphs runs every step eagerly.",
+    )
+    max_prefill_tokens: int = _setting(
+        8192,
+        "Most prompt tokens started in one prefill pass (running rows wait for it); a "
+        "longer single prompt still starts alone.",
+    )
     max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.")
     engine_process: bool = _setting(
         True,

@@ -1,23 +1,22 @@
 """Build a tiny random-weight stand-in for the Qwen-Audio-Chat checkpoint.
 
 Tests must never need the real 20 GB checkpoint. `build_tiny_checkpoint` writes a
-directory that loads through exactly the same path as the real one
-(`AutoTokenizer` / `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`)
-and runs the "remote code" in `tests/tiny_qwen_remote/`, which follows the public
-interface of the published model code (written for this project, not copied).
+directory with the published checkpoint's layout: `config.json` with the official keys
+(architecture QWenLMHeadModel, an `audio` section), `generation_config.json`,
+`qwen.tiktoken` (a small learned BPE vocabulary followed by the official special
+tokens), `mel_filters.npz` and safetensors weights under the official tensor names, taken
+from the test reference model (`reference_qwen_audio.py`) with a fixed seed.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-REMOTE_CODE_DIR = Path(__file__).resolve().parent / "tiny_qwen_remote"
 
 # Same pre-tokenisation regex as the tokenizer, so the learned merges are usable.
 PAT_STR = (
@@ -131,108 +130,111 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tiny_checkpoint(target: Path, *, seed: int = 0) -> Path:
+def tiny_config(n_ranks: int, *, hidden: int = 64) -> dict:
+    from oai_audio_server.models.qwen_audio.tokenizer import AUDIO_START, special_token_names
+
+    n_tok = n_ranks + len(special_token_names())
+    return {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        # Like the real checkpoint, the model's vocabulary is larger than the
+        # tokenizer's; the extra rows can never be decoded.
+        "vocab_size": n_tok + 64,
+        "hidden_size": hidden,
+        "num_attention_heads": 4,
+        "kv_channels": hidden // 4,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "seq_length": 2048,
+        "max_position_embeddings": 8192,
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "scale_attn_weights": True,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "audio": {
+            "n_mels": 80,
+            "n_ctx": 1500,
+            "n_state": 64,
+            "n_head": 4,
+            "n_layer": 2,
+            "output_dim": hidden,
+            "avg_pool": True,
+            "add_audio_bos_eos_token": True,
+            "audio_start_id": n_ranks + special_token_names().index(AUDIO_START),
+        },
+    }
+
+
+def build_tiny_checkpoint(target: Path, *, seed: int = 0, shards: int = 1) -> Path:
     """Write a complete tiny Qwen-Audio-Chat-like checkpoint into `target`.
 
-    Deterministic for a given seed; a few MB; takes a few seconds.
+    Deterministic for a given seed; a few MB; takes about a second. ``shards`` > 1 splits
+    the weights into that many safetensors files with an index, as large checkpoints are.
     Returns `target`.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from reference_qwen_audio import ReferenceQwenAudio
+    from safetensors.torch import save_file
+
+    from oai_audio_server.models.qwen_audio.tokenizer import IM_END, special_token_names
 
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-
-    for src in sorted(REMOTE_CODE_DIR.glob("*.py")):
-        shutil.copyfile(src, target / src.name)
-
     ranks = learn_bpe_ranks()
     with open(target / "qwen.tiktoken", "w", encoding="ascii") as f:
         for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(tok).decode('ascii')} {rank}\n")
     np.savez(target / "mel_filters.npz", mel_80=slaney_mel_filterbank())
-
-    _write_json(
-        target / "tokenizer_config.json",
-        {
-            "model_max_length": 8192,
-            "tokenizer_class": "TinyQwenAudioTokenizer",
-            "auto_map": {"AutoTokenizer": ["tokenization_tiny_qwen.TinyQwenAudioTokenizer", None]},
-        },
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(target), trust_remote_code=True)
-    n_tok = len(tokenizer)
-    assert tokenizer.audio_end_id == tokenizer.audio_start_id + 1
-
-    auto_map = {
-        "AutoConfig": "configuration_tiny_qwen.TinyQwenAudioConfig",
-        "AutoModelForCausalLM": "modeling_tiny_qwen.TinyQwenAudioLMHeadModel",
-    }
-    hidden = 64
-    _write_json(
-        target / "config.json",
-        {
-            "architectures": ["TinyQwenAudioLMHeadModel"],
-            "auto_map": auto_map,
-            "model_type": "tiny_qwen_audio",
-            # Like the real checkpoint, the model's vocabulary is larger than the
-            # tokenizer's; the extra rows can never be decoded.
-            "vocab_size": n_tok + 64,
-            "hidden_size": hidden,
-            "num_attention_heads": 4,
-            "kv_channels": 16,
-            "num_hidden_layers": 2,
-            "intermediate_size": 128,
-            "seq_length": 2048,
-            "max_position_embeddings": 8192,
-            "layer_norm_epsilon": 1e-6,
-            "rotary_emb_base": 10000,
-            # Large init so that greedy outputs clearly depend on the input.
-            "initializer_range": 0.3,
-            "bf16": False,
-            "fp16": False,
-            "fp32": True,
-            "use_cache": True,
-            "tie_word_embeddings": False,
-            "audio": {
-                "n_mels": 80,
-                "n_ctx": 1500,
-                "n_state": 64,
-                "n_head": 4,
-                "n_layer": 2,
-                "output_dim": hidden,
-                "avg_pool": True,
-                "add_audio_bos_eos_token": True,
-                "audio_start_id": tokenizer.audio_start_id,
-            },
-        },
-    )
-    config = AutoConfig.from_pretrained(str(target), trust_remote_code=True)
+    config = tiny_config(len(ranks))
+    _write_json(target / "config.json", config)
+    names = special_token_names()
+    n_tok = len(ranks) + len(names)
+    eod = len(ranks)
+    im_end = len(ranks) + names.index(IM_END)
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    model = ReferenceQwenAudio(config)
+    state = {}
     with torch.no_grad():
-        head = model.lm_head.weight
+        for name, tensor in model.state_dict().items():
+            if name.endswith("positional_embedding"):
+                value = tensor
+            elif "ln" in name.split(".")[-2] or name.split(".")[-2].startswith("ln_"):
+                value = torch.ones_like(tensor) if name.endswith("weight") else torch.zeros_like(tensor)
+            elif name.endswith("bias"):
+                value = torch.randn_like(tensor) * 0.02
+            else:
+                # Large weights so that greedy outputs clearly depend on the input.
+                value = torch.randn_like(tensor) * 0.3
+            state[name] = value.contiguous()
+        head = state["lm_head.weight"]
         # A real checkpoint never emits ids the tokenizer cannot decode.
         head[n_tok:] = 0.0
         # Keep the random model mostly on ordinary tokens: damp the audio/extra
         # special tokens, but leave <|endoftext|>, <|im_start|>, <|im_end|> alone.
-        head[tokenizer.im_end_id + 1 : n_tok] *= 0.05
-    model.save_pretrained(str(target), safe_serialization=True)
-
-    # save_pretrained of a remote-code model normally keeps auto_map; make sure.
-    saved = json.loads((target / "config.json").read_text(encoding="utf-8"))
-    if saved.get("auto_map") != auto_map:
-        saved["auto_map"] = auto_map
-        _write_json(target / "config.json", saved)
-
-    # Written after save_pretrained, which would store a default one instead.
+        head[im_end + 1 : n_tok] *= 0.05
+    names_sorted = sorted(state)
+    if shards <= 1:
+        save_file(state, str(target / "model.safetensors"))
+    else:
+        weight_map = {}
+        for index in range(shards):
+            file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: state[n] for n in names_sorted[index::shards]}
+            save_file(part, str(target / file))
+            weight_map.update(dict.fromkeys(part, file))
+        _write_json(target / "model.safetensors.index.json",
+                    {"metadata": {}, "weight_map": weight_map})
     _write_json(
         target / "generation_config.json",
         {
             "chat_format": "chatml",
-            "eos_token_id": tokenizer.eod_id,
-            "pad_token_id": tokenizer.eod_id,
+            "eos_token_id": eod,
+            "pad_token_id": eod,
             "max_window_size": 6144,
             "max_new_tokens": 512,
             "do_sample": True,
@@ -240,6 +242,19 @@ def build_tiny_checkpoint(target: Path, *, seed: int = 0) -> Path:
             "top_p": 0.5,
         },
     )
-    for src in sorted(REMOTE_CODE_DIR.glob("*.py")):
-        shutil.copyfile(src, target / src.name)
     return target
+
+
+def load_reference(target: Path):
+    """The reference model with the checkpoint's weights (float32, CPU)."""
+    import torch
+    from reference_qwen_audio import ReferenceQwenAudio
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(target) / "config.json").read_text(encoding="utf-8"))
+    model = ReferenceQwenAudio(config)
+    state = {}
+    for file in sorted(Path(target).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    model.load_state_dict(state)
+    return model.eval().to(torch.float32)

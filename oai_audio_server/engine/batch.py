@@ -1,10 +1,9 @@
-"""Rows decoding together, and the KV-cache surgery that lets rows join and leave.
+"""Rows decoding together and the device state of their next step.
 
-The Qwen remote code keeps its cache as a tuple per layer of (key, value) shaped
-[batch, seq, heads, dim] and derives rotary positions from the cache length, ignoring
-``position_ids``. So every row in a batch must share one cache length: a row joining a
-running batch is prefilled left-padded to exactly that length, which keeps each row's
-relative positions (all rotary attention depends on) the same as if it ran alone.
+Row i of the batch lives in KV-cache slot i (see kv_cache.py). The tensors a decode step
+reads (each row's next input token, its position and its rotary variant) stay on the
+device and are updated there: the sampled ids are copied in, the positions advance by
+one. Only when rows join or leave are they rebuilt from the host.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import torch
 
 from oai_audio_server.engine.detokenizer import IncrementalText
 from oai_audio_server.engine.pacing import TextPacer
-
-KVCache = tuple[tuple[torch.Tensor, ...], ...]
+from oai_audio_server.engine.sampling import RowSampling
 
 
 @dataclass(eq=False)
@@ -26,45 +24,43 @@ class Row:
 
     handle: Any  # engine.scheduler.RequestHandle
     text: IncrementalText
-    generator: torch.Generator | None
+    sampling: RowSampling
     pacer: TextPacer
+    # Position the row's next input token is written to (its length so far).
+    position: int = 0
     generated: list[int] = field(default_factory=list)
-    pending_token: int | None = None  # sampled, not yet fed through the model
     finished: bool = False
 
 
-@dataclass
-class Batch:
-    rows: list[Row]
-    past: KVCache
-    attention_mask: torch.Tensor  # [rows, cache length], 1 for real tokens
+class DeviceRows:
+    """Per-row decode inputs for up to ``capacity`` rows, kept on the device."""
 
-    @property
-    def length(self) -> int:
-        return int(self.attention_mask.shape[1])
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.positions = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.row_state = torch.zeros(capacity, dtype=torch.long, device=device)
+        self._device = device
 
-    def keep(self, indices: list[int]) -> Batch:
-        if len(indices) == len(self.rows):
-            return self
-        index = torch.tensor(indices, dtype=torch.long, device=self.attention_mask.device)
-        past = tuple(
-            tuple(t.index_select(0, index.to(t.device)) for t in layer) for layer in self.past
-        )
-        return Batch(
-            rows=[self.rows[i] for i in indices],
-            past=past,
-            attention_mask=self.attention_mask.index_select(0, index),
-        )
+    def load(
+        self, start: int, tokens: torch.Tensor, positions: list[int], state: torch.Tensor
+    ) -> None:
+        """Rows ``start..`` from a prefill: first sampled ids, positions, variants."""
+        end = start + len(positions)
+        self.tokens[start:end] = tokens
+        self.positions[start:end] = torch.tensor(positions, dtype=torch.long).to(self._device)
+        self.row_state[start:end] = state
 
-    def extend(self, other: Batch) -> Batch:
-        if other.length != self.length:
-            raise ValueError("rows can only join a batch at the same cache length")
-        past = tuple(
-            tuple(torch.cat([a, b], dim=0) for a, b in zip(mine, theirs, strict=True))
-            for mine, theirs in zip(self.past, other.past, strict=True)
-        )
-        return Batch(
-            rows=self.rows + other.rows,
-            past=past,
-            attention_mask=torch.cat([self.attention_mask, other.attention_mask], dim=0),
-        )
+    def move(self, source: int, target: int) -> None:
+        for tensor in (self.tokens, self.positions, self.row_state):
+            tensor[target] = tensor[source]
+
+    def clear_from(self, start: int) -> None:
+        """Rows past the batch are padding for a captured graph: keep their positions
+        in range (they write to free slots only)."""
+        self.positions[start:] = 0
+        self.tokens[start:] = 0
+        self.row_state[start:] = 0
+
+    def advance(self, count: int, chosen: torch.Tensor) -> None:
+        self.tokens[:count] = chosen
+        self.positions[:count] += 1

@@ -1,14 +1,15 @@
 """Finding, loading and describing the checkpoint.
 
-The model is loaded through transformers' ``trust_remote_code`` path, exactly as the
-official README does, so any Qwen-Audio-Chat checkpoint (or fine-tune) works unchanged.
+The model runs in this package's own code (``oai_audio_server.models``) on the
+checkpoint's weight files, tokenizer vocabulary (``qwen.tiktoken``) and mel filters; no
+remote code is imported or run, so any Qwen-Audio-Chat checkpoint or fine-tune with the
+published layout works.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ import torch
 
 from oai_audio_server.audio.features import MelFeatureExtractor
 from oai_audio_server.errors import ContextLengthExceededError
+from oai_audio_server.models.checkpoint import read_config
+from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
+from oai_audio_server.models.qwen_audio.model import QwenAudioModel
+from oai_audio_server.models.qwen_audio.tokenizer import QwenAudioTokenizer
 from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -81,8 +86,8 @@ class SamplingDefaults:
 
 @dataclass
 class ModelBundle:
-    model: Any
-    tokenizer: Any
+    model: QwenAudioModel | None  # None in a process that only prepares requests
+    tokenizer: QwenAudioTokenizer
     model_dir: Path
     device: torch.device
     dtype: torch.dtype
@@ -91,9 +96,6 @@ class ModelBundle:
     pad_token_id: int
     max_window_size: int
     max_model_len: int
-    # Longest sequence that keeps batched greedy equal to solo greedy (rotary scaling
-    # switches on past the model's seq_length); None means no such limit.
-    exact_batch_len: int | None
     defaults: SamplingDefaults
     mel: MelFeatureExtractor
 
@@ -113,7 +115,6 @@ class ModelInfo:
     pad_token_id: int
     max_window_size: int
     max_model_len: int
-    exact_batch_len: int | None
     defaults: SamplingDefaults
 
     @classmethod
@@ -124,14 +125,11 @@ class ModelInfo:
 def load_front_bundle(info: ModelInfo) -> ModelBundle:
     """The tokenizer and audio features without the weights: for the HTTP process when
     the model runs in an engine process (``model`` is None)."""
-    from transformers import AutoTokenizer
-
-    with contextlib.redirect_stdout(_PrintsToLog()):
-        tokenizer = AutoTokenizer.from_pretrained(str(info.model_dir), trust_remote_code=True)
+    tokenizer = QwenAudioTokenizer.from_dir(info.model_dir)
     return ModelBundle(
         model=None,
         tokenizer=tokenizer,
-        token_bytes=_token_bytes(tokenizer),
+        token_bytes=tokenizer.token_bytes(),
         mel=MelFeatureExtractor.from_checkpoint(info.model_dir),
         **{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
     )
@@ -149,17 +147,9 @@ def room_after_prompt(bundle: ModelBundle, prompt_len: int, *, param: str, fix: 
     return room
 
 
-def _token_bytes(tokenizer: Any) -> list[bytes]:
-    """Bytes of every decodable id: ordinary tokens are bytes, special tokens their text."""
-    table: list[bytes] = []
-    for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
-        table.append(token if isinstance(token, bytes) else str(token).encode("utf-8"))
-    return table
-
-
-def _sampling_defaults(generation_config: Any) -> SamplingDefaults:
+def _sampling_defaults(generation_config: dict[str, Any]) -> SamplingDefaults:
     def get(name: str, default: Any) -> Any:
-        value = getattr(generation_config, name, None)
+        value = generation_config.get(name)
         return default if value is None else value
 
     return SamplingDefaults(
@@ -172,68 +162,45 @@ def _sampling_defaults(generation_config: Any) -> SamplingDefaults:
     )
 
 
-class _PrintsToLog(io.TextIOBase):
-    """The official remote code print()s while loading; as log records those lines keep
-    JSON-lines logs (--log-json) parseable."""
-
-    def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if line.strip():
-                logger.info("remote code: %s", line.strip())
-        return len(text)
+def _read_generation_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
 
 
 def load_bundle(settings: Settings) -> ModelBundle:
-    with contextlib.redirect_stdout(_PrintsToLog()):
-        return _load_bundle(settings)
-
-
-def _load_bundle(settings: Settings) -> ModelBundle:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model_dir = resolve_model_dir(settings.model, settings.download_dir)
+    config = QwenAudioConfig.from_dict(read_config(model_dir))
+    tokenizer = QwenAudioTokenizer.from_dir(model_dir)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(cpu_thread_count(settings.cpu_threads))
+    generation_config = _read_generation_config(model_dir)
+    max_window = int(generation_config.get("max_window_size") or 6144)
+    max_model_len = settings.max_model_len or max(config.max_position_embeddings, max_window)
     logger.info("loading %s on %s as %s", model_dir, device, dtype)
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        trust_remote_code=True,
-        torch_dtype=dtype,
-        # The remote code picks its own precision from these flags unless told.
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        fp32=dtype == torch.float32,
-        device_map={"": str(device)} if device.type == "cuda" else None,
+    model = QwenAudioModel.load(
+        model_dir, config, max_len=max_model_len, device=device, dtype=dtype
     )
-    if device.type != "cuda":
-        model = model.to(device)
-    model.eval()
 
-    generation_config = model.generation_config
-    eos = getattr(generation_config, "eos_token_id", None)
+    eos = generation_config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     stop_ids = frozenset([tokenizer.im_end_id, tokenizer.im_start_id, *eos_ids])
-    pad = getattr(generation_config, "pad_token_id", None)
-    max_window = int(getattr(generation_config, "max_window_size", 6144))
-    config = model.config
-    max_model_len = int(getattr(config, "max_position_embeddings", 0) or max_window + 2048)
-    seq_length = getattr(config, "seq_length", None)
+    pad = generation_config.get("pad_token_id")
     return ModelBundle(
         model=model,
         tokenizer=tokenizer,
         model_dir=model_dir,
         device=device,
         dtype=dtype,
-        token_bytes=_token_bytes(tokenizer),
+        token_bytes=tokenizer.token_bytes(),
         stop_token_ids=stop_ids,
         pad_token_id=int(pad if pad is not None else tokenizer.eod_id),
         max_window_size=max_window,
-        max_model_len=max(max_model_len, max_window),
-        exact_batch_len=int(seq_length) if seq_length else None,
+        max_model_len=max_model_len,
         defaults=_sampling_defaults(generation_config),
         mel=MelFeatureExtractor.from_checkpoint(model_dir),
     )

@@ -1,11 +1,11 @@
 """The batching engine: a single worker thread owns the model; requests queue for it.
 
-Iteration-level batching: between two decode steps, waiting requests are prefilled and
-join the running batch; finished or cancelled rows leave it at once. A waiting request
-joins only when doing so keeps every row's answer identical to running it alone (see
-``batch.py``): its prompt fits in the current cache length, and no row can grow past the
-length where the model's rotary scaling switches on. Otherwise it waits for the batch
-to drain (the queue is first-in first-out, so nothing starves).
+Iteration-level batching on a slot KV cache: between two decode steps, waiting requests
+are prefilled into free slots and join the running batch at their own lengths (no
+padding, no recomputation); finished, cancelled and timed-out rows leave it at once and
+free their slot. Which requests start is decided in ``admission.py``, the model runs in
+``runner.py``, tokens are chosen for the whole batch on the device in ``sampling.py``,
+and one copy of the chosen ids to the host per step drives detokenizing and stopping.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from oai_audio_server.engine.admission import WAIT, Plan, Running, Waiting, plan_fresh, plan_running
-from oai_audio_server.engine.batch import Batch, Row
+from oai_audio_server.engine.admission import Waiting, plan_admission
+from oai_audio_server.engine.batch import Row
+from oai_audio_server.engine.cache_plan import CacheOptions, plan_cache
 from oai_audio_server.engine.detokenizer import IncrementalText
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
-from oai_audio_server.engine.sampling import make_generator, next_token
+from oai_audio_server.engine.runner import ModelRunner
+from oai_audio_server.engine.sampling import RowSampling, SamplingPlan, make_generator, sample
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -37,6 +39,7 @@ from oai_audio_server.engine.types import (
 )
 from oai_audio_server.errors import (
     APIError,
+    ContextLengthExceededError,
     EngineError,
     NotReadyError,
     OverloadedError,
@@ -49,8 +52,6 @@ logger = logging.getLogger(__name__)
 # while the worker updates it, and a dict that never changes size is safe to copy.
 COUNTERS = (
     "prefills",
-    "rebuilds",
-    "recomputed_tokens",
     "decode_steps",
     "prompt_tokens",
     "completion_tokens",
@@ -151,17 +152,6 @@ class Outbox:
             sink.deliver(events)
 
 
-def _audio_marker_ids(tokenizer: Any) -> frozenset[int]:
-    """Token ids that a forward pass without a cache reads as audio span markers (the
-    remote code pairs each audio start id with the id after it): a row that generated
-    one cannot be re-prefilled from its answer."""
-    start = getattr(tokenizer, "audio_start_id", None)
-    if start is None:
-        return frozenset()
-    end = getattr(tokenizer, "audio_end_id", start + 1)
-    return frozenset({int(start), int(start) + 1, int(end)})
-
-
 def _timeout_error(handle: RequestHandle, now: float, deadline: float) -> RequestTimeoutError:
     """Why the request ran out of time, and whether a retry can help: a request that
     spent most of its time waiting for the model may get through when the server is less
@@ -183,30 +173,34 @@ class BatchingEngine:
         self,
         load: Callable[[], ModelBundle],
         *,
-        max_batch_size: int = 8,
+        max_batch_size: int = 0,
         max_queue: int = 64,
         join_wait_steps: int = 0,
+        cache: CacheOptions | None = None,
         on_admit: Callable[[list[RequestHandle]], None] | None = None,
         on_step: Callable[[], None] | None = None,
     ) -> None:
-        """``on_admit`` sees the requests leaving the queue; ``on_step`` runs after every
+        """``max_batch_size`` 0 lets the KV-cache budget decide (see cache_plan.py).
+        ``on_admit`` sees the requests leaving the queue; ``on_step`` runs after every
         worker step (both on the worker thread; for an engine in another process)."""
         self._load = load
         self._max_batch_size = max_batch_size
         self._max_queue = max_queue
         self._join_wait_steps = join_wait_steps
+        self._cache_options = cache or CacheOptions()
         self._on_admit = on_admit
         self._on_step = on_step
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._cond = threading.Condition()
         self._bundle: ModelBundle | None = None
+        self._runner: ModelRunner | None = None
         self._load_error: BaseException | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._batch_size = 0
         self._counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self._outbox = Outbox()  # touched by the worker thread only
-        self._audio_markers: frozenset[int] = frozenset()
+        self._plan: SamplingPlan | None = None  # of the current batch composition
 
     # ------------------------------------------------------------------ public
 
@@ -221,10 +215,11 @@ class BatchingEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._bundle = None
+        self._runner = None
 
     @property
     def ready(self) -> bool:
-        return self._bundle is not None and not self._stopping
+        return self._bundle is not None and self._runner is not None and not self._stopping
 
     @property
     def load_error(self) -> BaseException | None:
@@ -235,6 +230,10 @@ class BatchingEngine:
         if self._bundle is None:
             raise NotReadyError("the model is still loading; retry shortly")
         return self._bundle
+
+    @property
+    def runner(self) -> ModelRunner | None:
+        return self._runner
 
     @property
     def worker_alive(self) -> bool:
@@ -281,76 +280,103 @@ class BatchingEngine:
     def _run(self) -> None:
         try:
             bundle = self._load()
+            runner = self._make_runner(bundle)
         except BaseException as exc:  # reported by /health; the thread ends
             logger.exception("model load failed")
             self._load_error = exc
             return
         self._bundle = bundle
-        logger.info("model ready")
-        batch: Batch | None = None
-        self._audio_markers = _audio_marker_ids(bundle.tokenizer)
+        self._runner = runner
+        logger.info(
+            "model ready: %d sequences of up to %d tokens at once",
+            runner.capacity, runner.cache.slot_len,
+        )
+        rows: list[Row] = []
         with torch.inference_mode():
             while True:
-                batch = self._retire(batch)  # gone rows neither take room nor get rebuilt
-                if batch is None and self._batch_size:
+                rows = self._retire(runner, rows)  # gone rows free their slots first
+                if not rows and self._batch_size:
                     # The last rows were cancelled between steps: report the empty batch
                     # before idling, not when the next request arrives.
                     self._batch_size = 0
                     self._after_step()
                 with self._cond:
-                    while not self._stopping and batch is None and not self._waiting:
+                    while not self._stopping and not rows and not self._waiting:
                         self._cond.wait(timeout=1.0)
                     if self._stopping:
                         break
                     try:
-                        plan, admitted = self._admit(batch, bundle)
+                        admitted = self._admit(runner, len(rows))
                     except Exception:  # never let the worker die with requests queued
                         logger.exception("admission failed")
-                        plan, admitted = WAIT, []
-                        if batch is None:
+                        admitted = []
+                        if not rows:
                             self._cond.wait(timeout=1.0)  # no busy loop of failures
                 try:
-                    batch = self._step(bundle, batch, plan, admitted)
+                    rows = self._step(bundle, runner, rows, admitted)
                 except Exception as exc:
-                    # Outside the guarded model calls (joining or filtering the cache can
-                    # run out of memory): fail what was in flight, keep the worker alive.
+                    # Outside the guarded model calls (moving rows in the cache): fail
+                    # what was in flight, keep the worker alive with an empty batch.
                     logger.exception("engine step failed")
-                    rows = [r.handle for r in (batch.rows if batch else []) if not r.finished]
-                    unique = list({id(h): h for h in rows + admitted}.values())
+                    live = [r.handle for r in rows if not r.finished]
+                    unique = list({id(h): h for h in live + admitted}.values())
                     self._fail_after_fault(bundle, unique, exc)
-                    batch = None
-                self._batch_size = len(batch.rows) if batch else 0
+                    rows = []
+                    self._plan = None
+                    runner.rows.clear_from(0)
+                self._batch_size = len(rows)
                 self._after_step()
         # shutting down: nobody will serve what is left
-        for handle in list(self._waiting) + [r.handle for r in (batch.rows if batch else [])]:
+        for handle in list(self._waiting) + [r.handle for r in rows if not r.finished]:
             self._fail(handle, NotReadyError("the server is shutting down"))
         self._waiting.clear()
         self._outbox.flush()
 
+    def _make_runner(self, bundle: ModelBundle) -> ModelRunner:
+        from oai_audio_server.engine.kv_cache import SlotKVCache
+
+        model = bundle.model
+        if model is None:
+            raise RuntimeError("the engine needs a bundle with the model's weights")
+        options = self._cache_options
+        plan = plan_cache(
+            model.kv_layout, bundle.max_model_len, bundle.device, options, self._max_batch_size
+        )
+        cache = SlotKVCache(model.kv_layout, plan.slots, bundle.max_model_len, bundle.device)
+        logger.info(
+            "KV cache: %d slots of %d positions, %.1f MiB", plan.slots, bundle.max_model_len,
+            cache.nbytes / (1024 * 1024),
+        )
+        return ModelRunner(
+            model, cache, bundle.device, capacity=plan.max_batch_size,
+            vocab_limit=bundle.vocab_limit, use_graphs=options.cuda_graphs,
+        )
+
     def _step(
-        self, bundle: ModelBundle, batch: Batch | None, plan: Plan, admitted: list[RequestHandle]
-    ) -> Batch | None:
-        """Start the admitted requests (see admission.py), then one decode step for all."""
-        if plan.how == "rebuild" and batch is not None:
-            # Only the newcomers fail if it does not work: the running batch and its
-            # cache are untouched until the forward pass has succeeded.
-            rebuilt = self._guarded(bundle, admitted, self._rebuild, bundle, batch, admitted)
-            if rebuilt is not None:
-                batch = rebuilt
-                self._note_peak(batch)
-            self._outbox.flush()
-        elif admitted:
-            joined = self._guarded(bundle, admitted, self._prefill, bundle, admitted, batch)
+        self, bundle: ModelBundle, runner: ModelRunner, rows: list[Row],
+        admitted: list[RequestHandle],
+    ) -> list[Row]:
+        """Prefill the admitted requests into the next free slots, then one decode step
+        for every row."""
+        if admitted:
+            joined = self._guarded(bundle, admitted, self._prefill, bundle, runner, admitted,
+                                   len(rows))
             if joined is not None:
-                batch = joined if batch is None else batch.extend(joined)
-                self._note_peak(batch)
+                rows = rows + joined
+                self._plan = None
+                self._note_peak(len(rows))
             self._outbox.flush()  # first tokens out now: time to first token
-        batch = self._retire(batch)
-        if batch is not None:
-            live = [row.handle for row in batch.rows]
-            stepped = self._guarded(bundle, live, self._decode_step, bundle, batch)
-            batch = self._retire(batch) if stepped is not None else None
-        return batch
+        rows = self._retire(runner, rows)
+        if rows:
+            live = [row.handle for row in rows]
+            stepped = self._guarded(bundle, live, self._decode_step, runner, rows)
+            if stepped is None:  # every row failed; their cache contents are unknown
+                rows = []
+                self._plan = None
+                runner.rows.clear_from(0)
+            else:
+                rows = self._retire(runner, rows)
+        return rows
 
     def _after_step(self) -> None:
         try:
@@ -360,11 +386,10 @@ class BatchingEngine:
         except Exception:  # a sink that cannot deliver must not end the worker
             logger.exception("delivering events failed")
 
-    def _note_peak(self, batch: Batch) -> None:
+    def _note_peak(self, size: int) -> None:
         """Before the step's events go out (a reader may check the stats on the reply):
         the batch is largest now, before rows that finished with their first token leave."""
-        peak = max(self._counters["peak_batch_size"], len(batch.rows))
-        self._counters["peak_batch_size"] = peak
+        self._counters["peak_batch_size"] = max(self._counters["peak_batch_size"], size)
 
     def _guarded(
         self,
@@ -422,182 +447,98 @@ class BatchingEngine:
             return True
         return False
 
-    def _admit(self, batch: Batch | None, bundle: ModelBundle) -> tuple[Plan, list[RequestHandle]]:
-        """Pop the waiting requests that start now, and how (see admission.py). Caller
-        holds the lock."""
+    def _too_long(self, handle: RequestHandle, slot_len: int) -> bool:
+        """A request whose prompt and answer cannot fit one cache slot fails (the
+        services refuse such requests before they reach the engine)."""
+        request = handle.request
+        needed = len(request.prompt_ids) + request.sampling.max_tokens
+        if needed <= slot_len and request.prompt_ids:
+            return False
+        self._fail(handle, ContextLengthExceededError(
+            f"the prompt ({len(request.prompt_ids)} tokens) and max_tokens "
+            f"({request.sampling.max_tokens}) exceed the {slot_len}-token limit per sequence"
+        ))
+        return True
+
+    def _admit(self, runner: ModelRunner, running: int) -> list[RequestHandle]:
+        """Pop the waiting requests that start now (see admission.py). Caller holds the
+        lock."""
         self._sweep_waiting()
-        if not self._waiting or (batch is not None and len(batch.rows) >= self._max_batch_size):
-            return WAIT, []  # the usual decode step: no per-row summaries to build
-        limit = bundle.exact_batch_len
+        if not self._waiting or running >= runner.capacity:
+            return []  # the usual decode step: no per-request summaries to build
+        slot_len = runner.cache.slot_len
+        for handle in [h for h in self._waiting if self._too_long(h, slot_len)]:
+            self._waiting.remove(handle)
         steps = self._counters["decode_steps"]
-        waiting = [
-            Waiting(
-                len(h.request.prompt_ids),
-                h.request.sampling.max_tokens,
-                waited_steps=steps - h.queued_at_step,
-            )
-            for h in self._waiting
-        ]
-        if batch is None:
-            plan = plan_fresh(waiting, self._max_batch_size, limit)
-        else:
-            rows = [
-                Running(
-                    len(r.handle.request.prompt_ids),
-                    r.handle.request.sampling.max_tokens,
-                    len(r.generated),
-                    recomputable=self._audio_markers.isdisjoint(r.generated),
-                )
-                for r in batch.rows
-            ]
-            plan = plan_running(
-                rows, batch.length, waiting, self._max_batch_size, limit, self._join_wait_steps
-            )
         queued = list(self._waiting)
-        admitted = [queued[i] for i in plan.admit]
+        chosen = plan_admission(
+            [Waiting(len(h.request.prompt_ids), steps - h.queued_at_step) for h in queued],
+            running=running,
+            capacity=runner.capacity,
+            max_prefill_tokens=self._cache_options.max_prefill_tokens,
+            join_wait_steps=self._join_wait_steps,
+        )
+        admitted = [queued[i] for i in chosen]
         now = time.monotonic()
         for handle in admitted:
             self._waiting.remove(handle)
             handle.admitted_at = now
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
-        return plan, admitted
-
-    def _audio_info(self, handles: list[RequestHandle]) -> dict[str, Any] | None:
-        segments = [segment for h in handles for segment in h.request.audio]
-        if not segments:
-            return None
-        # The same shapes the official tokenizer.process_audio returns, in prompt order.
-        return {
-            "input_audios": torch.stack([s.mel for s in segments]),
-            "input_audio_lengths": torch.tensor(
-                [[s.length_after_cnn, s.token_count] for s in segments], dtype=torch.int32
-            ),
-            "audio_span_tokens": [s.token_count + 2 for s in segments],
-            "audio_urls": [f"audio-{i}" for i in range(len(segments))],
-        }
-
-    def _forward_last_logits(self, bundle: ModelBundle, **inputs: Any) -> tuple[torch.Tensor, Any]:
-        """Logits of the last position only: the full [batch, seq, vocab] tensor of a
-        long audio prompt would cost gigabytes for nothing."""
-        model = bundle.model
-        if hasattr(model, "transformer") and hasattr(model, "lm_head"):
-            out = model.transformer(**inputs, use_cache=True, return_dict=True)
-            logits = model.lm_head(out.last_hidden_state[:, -1, :])
-        else:
-            out = model(**inputs, use_cache=True, return_dict=True)
-            logits = out.logits[:, -1, :]
-        return logits[:, : bundle.vocab_limit].float(), out.past_key_values
-
-    def _forward_prompts(
-        self,
-        bundle: ModelBundle,
-        sequences: list[list[int]],
-        handles: list[RequestHandle],
-        length: int,
-    ) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """One forward over whole token sequences, each left-padded to ``length``."""
-        input_ids = torch.full((len(sequences), length), bundle.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for i, tokens in enumerate(sequences):
-            input_ids[i, length - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, length - len(tokens) :] = 1
-        input_ids = input_ids.to(bundle.device)
-        mask = mask.to(bundle.device)
-        logits, past = self._forward_last_logits(
-            bundle,
-            input_ids=input_ids,
-            attention_mask=mask,
-            past_key_values=None,
-            audio_info=self._audio_info(handles),
-        )
-        return logits, past, mask
+        return admitted
 
     def _new_row(self, bundle: ModelBundle, handle: RequestHandle) -> Row:
-        sampling = handle.request.sampling
+        request = handle.request
+        sampling = request.sampling
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            ids = torch.tensor(request.prompt_ids, dtype=torch.long)
+            seen = ids[ids < bundle.vocab_limit].to(bundle.device)
         return Row(
             handle=handle,
-            text=IncrementalText(
-                bundle.token_bytes, stop=sampling.stop, strip=handle.request.strip_whitespace
-            ),
-            generator=make_generator(sampling, bundle.device),
-            pacer=TextPacer(handle.request.text_interval),
+            text=IncrementalText(bundle.token_bytes, stop=sampling.stop,
+                                 strip=request.strip_whitespace),
+            sampling=RowSampling(sampling, make_generator(sampling, bundle.device), seen),
+            pacer=TextPacer(request.text_interval),
+            position=len(request.prompt_ids),
         )
 
     def _prefill(
-        self, bundle: ModelBundle, handles: list[RequestHandle], batch: Batch | None
-    ) -> Batch:
-        """New rows, padded to the running batch's cache length (or their longest prompt)."""
-        return self._start_rows(bundle, [], handles, batch.length if batch else None)
-
-    def _rebuild(
-        self, bundle: ModelBundle, batch: Batch, handles: list[RequestHandle]
-    ) -> Batch:
-        """The running rows re-prefilled from their prompt and answer so far (the token
-        sampled last is fed here, so this forward is also their decode step), together
-        with the newcomers, each padded only to the longest of them."""
-        return self._start_rows(bundle, batch.rows, handles, None)
-
-    def _start_rows(
-        self,
-        bundle: ModelBundle,
-        running: list[Row],
-        handles: list[RequestHandle],
-        length: int | None,
-    ) -> Batch:
-        """One forward over whole sequences (running rows' prompt and answer, then the
-        newcomers' prompts), left-padded to ``length`` or the longest of them."""
-        recomputed = [r.handle.request.prompt_ids + r.generated for r in running]
+        self, bundle: ModelBundle, runner: ModelRunner, handles: list[RequestHandle],
+        first_slot: int,
+    ) -> list[Row]:
+        """One forward over the newcomers' whole prompts (their audio encoded together),
+        written into slots ``first_slot..``; their first tokens are sampled at once."""
         prompts = [h.request.prompt_ids for h in handles]
-        sequences = recomputed + prompts
-        everyone = [r.handle for r in running] + handles
-        logits, past, mask = self._forward_prompts(
-            bundle, sequences, everyone, length or max(len(s) for s in sequences)
-        )
-        rows = running + [self._new_row(bundle, h) for h in handles]
+        logits, state = runner.prefill(prompts, [h.request.audio for h in handles], first_slot)
+        rows = [self._new_row(bundle, h) for h in handles]
+        samplers = [row.sampling for row in rows]
+        chosen = sample(logits, samplers, SamplingPlan(samplers, bundle.device))
+        runner.rows.load(first_slot, chosen, [row.position for row in rows], state)
         self._counters["prefills"] += 1
-        if running:
-            self._counters["rebuilds"] += 1
-            self._counters["recomputed_tokens"] += sum(len(s) for s in recomputed)
         self._counters["prompt_tokens"] += sum(len(p) for p in prompts)
-        self._sample_all(bundle, rows, logits)
-        return Batch(rows=rows, past=past, attention_mask=mask)
+        for index, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
+            self._accept(bundle, row, token, chosen[index : index + 1])
+        return rows
 
-    def _decode_step(self, bundle: ModelBundle, batch: Batch) -> Batch:
-        tokens = [row.pending_token for row in batch.rows]
-        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=bundle.device)
-        ones = torch.ones((len(tokens), 1), dtype=batch.attention_mask.dtype, device=bundle.device)
-        batch.attention_mask = torch.cat([batch.attention_mask, ones], dim=1)
-        logits, batch.past = self._forward_last_logits(
-            bundle,
-            input_ids=input_ids,
-            attention_mask=batch.attention_mask,
-            past_key_values=batch.past,
-        )
+    def _decode_step(self, runner: ModelRunner, rows: list[Row]) -> list[Row]:
+        bundle = self.bundle
+        count = len(rows)
+        logits = runner.decode(count, max(row.position for row in rows))
+        samplers = [row.sampling for row in rows]
+        if self._plan is None:
+            self._plan = SamplingPlan(samplers, bundle.device)
+        chosen = sample(logits, samplers, self._plan)
+        runner.rows.advance(count, chosen)
+        tokens = chosen.tolist()  # the step's one wait for the device
         self._counters["decode_steps"] += 1
-        self._sample_all(bundle, batch.rows, logits)
-        return batch
+        for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            row.position += 1
+            self._accept(bundle, row, token, chosen[index : index + 1])
+        return rows
 
-    def _sample_all(self, bundle: ModelBundle, rows: list[Row], logits: torch.Tensor) -> None:
-        for i, row in enumerate(rows):
-            request = row.handle.request
-            sampling = request.sampling
-            seen = None
-            if sampling.repetition_penalty != 1.0:
-                seen = torch.tensor(
-                    request.prompt_ids + row.generated, dtype=torch.long, device=logits.device
-                )
-                seen = seen[seen < logits.shape[1]]
-            try:
-                token = next_token(logits[i], sampling, seen_ids=seen, generator=row.generator)
-            except Exception as exc:  # this row's parameters: its own failure only
-                logger.exception("sampling failed for %s", request.request_id)
-                row.finished = True
-                self._fail(row.handle, EngineError(f"sampling failed: {exc}"))
-                continue
-            self._accept(bundle, row, token)
-
-    def _accept(self, bundle: ModelBundle, row: Row, token: int) -> None:
+    def _accept(self, bundle: ModelBundle, row: Row, token: int, chosen: torch.Tensor) -> None:
+        """``chosen``: the same id as a one-element tensor on the device."""
         row.generated.append(token)
         self._counters["completion_tokens"] += 1
         if token in bundle.stop_token_ids:
@@ -608,8 +549,9 @@ class BatchingEngine:
             self._finish(row, "stop")
         elif len(row.generated) >= row.handle.request.sampling.max_tokens:
             self._finish(row, "length")
-        else:
-            row.pending_token = token
+        elif row.sampling.seen is not None:
+            # The penalty covers the answer so far; the id stays on the device.
+            row.sampling.seen = torch.cat([row.sampling.seen, chosen])
 
     def _emit_text(self, row: Row, text: str) -> None:
         if text:
@@ -631,14 +573,29 @@ class BatchingEngine:
             ),
         )
 
-    def _retire(self, batch: Batch | None) -> Batch | None:
-        """Drop finished, cancelled and timed-out rows from the batch."""
-        if batch is None:
-            return None
+    def _retire(self, runner: ModelRunner, rows: list[Row]) -> list[Row]:
+        """Drop finished, cancelled and timed-out rows; the last rows move into the
+        freed slots, so the batch keeps filling slots 0..n-1."""
+        if not rows:
+            return rows
         now = time.monotonic()
-        keep = [
-            i
-            for i, row in enumerate(batch.rows)
-            if not row.finished and not self._gone(row.handle, now)
-        ]
-        return batch.keep(keep) if keep else None
+        leaving = {id(r) for r in rows if r.finished or self._gone(r.handle, now)}
+        if not leaving:
+            return rows
+        live = list(rows)
+        index = 0
+        while index < len(live):
+            if id(live[index]) not in leaving:
+                index += 1
+                continue
+            while live and id(live[-1]) in leaving:
+                live.pop()
+            if index >= len(live):
+                break
+            last = len(live) - 1
+            runner.move(last, index, live[last].position)
+            live[index] = live.pop()
+            index += 1
+        runner.rows.clear_from(len(live))
+        self._plan = None
+        return live

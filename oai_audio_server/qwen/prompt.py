@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.qwen.conversation import AudioItem, Conversation, TextItem, UserItem
 
 
 class QwenTokenizerLike(Protocol):
-    """The parts of the remote-code tokenizer the prompt builder relies on."""
+    """The parts of the tokenizer the prompt builder relies on."""
 
     audio_start_tag: str
     audio_end_tag: str
@@ -35,7 +35,7 @@ class QwenTokenizerLike(Protocol):
     im_start_id: int
     im_end_id: int
 
-    def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+    def encode_text(self, text: str) -> list[int]: ...
 
     def from_list_format(self, list_format: list[dict[str, str]]) -> str: ...
 
@@ -67,7 +67,7 @@ class QwenPromptBuilder:
         """Encode request text with every special-token string kept as literal text."""
         if not text:
             return []
-        return list(self._tokenizer.encode(text, allowed_special=set(), disallowed_special=()))
+        return self._tokenizer.encode_text(text)
 
     def _message(self, role: str, content: list[int]) -> list[int]:
         tok = self._tokenizer

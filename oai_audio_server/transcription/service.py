@@ -242,9 +242,7 @@ class TranscriptionService:
             for span in spans:
                 tokens: tuple[int, ...] = ()
                 if span.text and wants_tokens:  # only verbose_json shows them
-                    tokens = tuple(tokenizer.encode(
-                        span.text, allowed_special=set(), disallowed_special=()
-                    ))
+                    tokens = tuple(tokenizer.encode_text(span.text))
                 segments.append(
                     TimedSegment(
                         start=audio_segment.start_seconds + span.start,

@@ -1,0 +1,1 @@
+"""Qwen-Audio-Chat (the "QWen" decoder with a Whisper-style audio encoder)."""
