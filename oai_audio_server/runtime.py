@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 from oai_audio_server.audio.intake import AudioIntake
+from oai_audio_server.engine.cache_plan import CacheOptions
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
 from oai_audio_server.engine.process import EngineProcess
 from oai_audio_server.engine.scheduler import BatchingEngine
@@ -67,5 +68,6 @@ def create_runtime(settings: Settings, load: Callable[[], ModelBundle] | None = 
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
             join_wait_steps=settings.join_wait_steps,
+            cache=CacheOptions.from_settings(settings),
         )
     return Runtime(settings, engine)

@@ -72,7 +72,9 @@ class RefWhisperBlock(nn.Module):
         super().__init__()
         self.attn = RefWhisperAttn(width)
         self.attn_ln = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
         self.mlp_ln = nn.LayerNorm(width)
 
 
@@ -155,7 +157,7 @@ class ReferenceQwenAudio(nn.Module):
         assert len(spans) == len(audio)
         x = x.clone()
         longest = max((frames for _, frames, _ in audio), default=0)
-        for pos, (mel, frames, tokens) in zip(spans, audio):
+        for pos, (mel, frames, tokens) in zip(spans, audio, strict=True):
             emb = t.audio.one(mel, frames, tokens, longest)
             x[pos : pos + len(emb)] = emb
         d = c["kv_channels"]

@@ -441,158 +441,6 @@ def test_full_queue_is_overloaded_with_retry_after(
     assert stats["rejected_overloaded"] == 1
 
 
-def test_short_request_passes_a_longer_one_that_must_wait(
-    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
-) -> None:
-    """A prompt longer than the running cache waits for the cache to grow; a short one
-    queued behind it joins at once instead of waiting too. Both still equal solo runs."""
-    running = request(builder, "running", TextItem("hi"), max_tokens=200)
-    longer = request(builder, "longer", AudioItem(audio), TextItem("What can you hear?"),
-                     max_tokens=20)
-    short = request(builder, "short", TextItem("Hello"), max_tokens=20)
-    assert len(longer.prompt_ids) > len(running.prompt_ids) + 5
-    assert len(short.prompt_ids) <= len(running.prompt_ids)
-    alone = solo(bundle, [running, longer, short])
-
-    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], list[str]]:
-        order: list[str] = []
-
-        async def tracked(name: str, handle: RequestHandle) -> Outcome:
-            outcome = await collect(handle)
-            order.append(name)
-            prefills_when_done[name] = int(engine.stats()["prefills"])
-            return outcome
-
-        first = asyncio.create_task(tracked("running", engine.submit(running)))
-        await wait_until(lambda: engine.stats()["decode_steps"] >= 1, "the first step")
-        with engine._cond:  # both queued in one go, the longer prompt first
-            later = [engine.submit(longer), engine.submit(short)]
-        rest = [asyncio.create_task(tracked(n, h)) for n, h in zip(("longer", "short"), later,
-                                                                   strict=True)]
-        outcomes = [await first, *[await task for task in rest]]
-        return outcomes, order
-
-    prefills_when_done: dict[str, int] = {}
-    with engine_for(bundle, max_batch_size=8) as engine:
-        batched, order = run(scenario(engine))
-    assert_same(batched, alone)
-    # The short one ran and finished before the longer one was even prefilled ...
-    assert prefills_when_done["short"] == 2
-    # ... and the longer one then joined the still running batch.
-    assert order == ["short", "longer", "running"]
-
-
-async def staged(
-    engine: BatchingEngine,
-    requests: list[GenerationRequest],
-    steps: list[int],
-    until: object = None,
-) -> list[Outcome]:
-    """The first request at once, each next one once the engine has run its number of
-    decode steps; then waits for ``until`` (if given) and for every outcome."""
-    tasks = [asyncio.create_task(collect(engine.submit(requests[0])))]
-    for later, at_step in zip(requests[1:], steps, strict=True):
-        await wait_until(lambda n=at_step: engine.stats()["decode_steps"] >= n, "steps")
-        tasks.append(asyncio.create_task(collect(engine.submit(later))))
-    if until is not None:
-        await wait_until(until, "the condition")
-    return [await task for task in tasks]
-
-
-def rebuild_case(builder: QwenPromptBuilder) -> list[GenerationRequest]:
-    """Staged at steps 38 and 55, the third request triggers a rebuild (the first row
-    has left and the second's real tokens are a small part of the cache)."""
-    return [
-        request(builder, "first", TextItem("Go on"), max_tokens=45),
-        request(builder, "second", TextItem("Why?"), max_tokens=90),
-        request(builder, "late", TextItem("Hello"), max_tokens=10),
-    ]
-
-
-def test_a_failed_rebuild_fails_only_the_newcomers(
-    bundle: ModelBundle, builder: QwenPromptBuilder
-) -> None:
-    requests = rebuild_case(builder)
-    alone = solo(bundle, requests)
-    with engine_for(bundle, max_batch_size=8) as engine:
-        original = engine._forward_prompts
-
-        def newcomer_out_of_memory(*args: Any) -> Any:
-            handles = args[2]
-            if any(h.request.request_id == "late" for h in handles):
-                raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
-            return original(*args)
-
-        engine._forward_prompts = newcomer_out_of_memory  # type: ignore[method-assign]
-        outcomes = run(staged(engine, requests, [38, 55]))
-    assert_same(outcomes[:2], alone[:2])  # the running row went on as if nothing happened
-    assert isinstance(outcomes[2].end, Failed)
-    assert "out of memory" in outcomes[2].end.error.message
-
-
-def test_a_row_that_generated_an_audio_marker_is_not_rebuilt(
-    bundle: ModelBundle, builder: QwenPromptBuilder
-) -> None:
-    """Re-prefilled, an <audio> token in an answer would be read as the start of an
-    audio span: that batch drains instead, and the newcomer starts after it."""
-    requests = rebuild_case(builder)
-    alone = solo(bundle, requests)
-    marker = bundle.tokenizer.audio_start_id
-    with engine_for(bundle, max_batch_size=8) as engine:
-        original = engine._accept
-
-        def third_token_is_a_marker(bundle_: ModelBundle, row: Any, token: int) -> None:
-            if row.handle.request.request_id == "second" and len(row.generated) == 2:
-                token = marker
-            original(bundle_, row, token)
-
-        engine._accept = third_token_is_a_marker  # type: ignore[method-assign]
-        outcomes = run(staged(engine, requests, [38, 55]))
-        stats = engine.stats()
-    assert stats["rebuilds"] == 0 and stats["failed"] == 0
-    assert marker in outcomes[1].finished.token_ids
-    assert_same([outcomes[0], outcomes[2]], [alone[0], alone[2]])
-
-
-@pytest.mark.parametrize("kind", ["greedy text", "audio, seeded sampling, penalty"])
-def test_a_cache_that_would_be_mostly_padding_is_rebuilt_compact(
-    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio, kind: str
-) -> None:
-    """The shared cache length only grows. After the oldest row has left, a newcomer
-    would join a cache that is mostly padding; instead the running row is re-prefilled
-    from its prompt and answer so far together with the newcomer, at the length of the
-    longer of the two. Every answer is still what it is alone, sampled ones included."""
-    if kind == "greedy text":
-        first = request(builder, "first", TextItem("Go on"), max_tokens=45)
-        second = request(builder, "second", TextItem("Why?"), max_tokens=90)
-        late = request(builder, "late", TextItem("Hello"), max_tokens=10)
-        second_joins, late_joins = 38, 55
-    else:  # the running row's audio must be embedded again in the rebuild
-        first = request(builder, "first", TextItem("Say something"), max_tokens=160)
-        second = request(builder, "second", AudioItem(audio), TextItem("Why?"), max_tokens=90,
-                         temperature=0.9, top_p=0.8, seed=8, repetition_penalty=1.3)
-        late = request(builder, "late", TextItem("Hello"), AudioItem(audio), max_tokens=10,
-                       temperature=0.7, seed=3)
-        second_joins, late_joins = 140, 165
-    alone = solo(bundle, [first, second, late])
-    assert [len(o.finished.token_ids) for o in alone[:2]] == [first.sampling.max_tokens, 90]
-
-    async def scenario(engine: BatchingEngine) -> tuple[list[Outcome], float]:
-        outcomes = await staged(engine, [first, second, late], [second_joins, late_joins],
-                                until=lambda: engine.stats()["rebuilds"] >= 1)
-        return outcomes, engine.stats()["recomputed_tokens"]
-
-    with engine_for(bundle, max_batch_size=8) as engine:
-        outcomes, recomputed = run(scenario(engine))
-        stats = engine.stats()
-    assert_same(outcomes, alone)
-    assert stats["rebuilds"] == 1 and stats["prefills"] == 3
-    assert stats["peak_batch_size"] == 2  # the late one ran beside the second
-    # The second row was recomputed from its prompt and the answer it had so far.
-    answered = late_joins - second_joins
-    assert len(second.prompt_ids) + answered <= recomputed < len(second.prompt_ids) + 90
-
-
 def test_text_is_handed_over_at_the_requested_pace_and_adds_up(
     bundle: ModelBundle, builder: QwenPromptBuilder
 ) -> None:
@@ -610,3 +458,119 @@ def test_text_is_handed_over_at_the_requested_pace_and_adds_up(
     assert len(every) > 10  # one piece per token or so
     assert len(whole) == 2  # the first text, then the rest with the end
     assert "".join(whole) == "".join(every)
+
+
+def test_a_row_joins_a_running_batch_at_every_step_offset(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    first = request(builder, "first", AudioItem(audio), TextItem("What is said?"),
+                    max_tokens=40)
+    joiner = request(builder, "joiner", TextItem("The quick brown fox jumps"), max_tokens=12)
+    alone = solo(bundle, [first, joiner])
+    assert len(alone[0].finished.token_ids) == 40, "the first row must run throughout"
+
+    async def join_at(engine: BatchingEngine, offset: int) -> tuple[list[Outcome], int]:
+        task = asyncio.create_task(collect(engine.submit(first)))
+        await wait_until(lambda: engine.stats()["decode_steps"] >= offset, "steps")
+        joined_at = int(engine.stats()["decode_steps"])
+        second = await collect(engine.submit(joiner))
+        return [await task, second], joined_at
+
+    seen_offsets = set()
+    for offset in range(0, 24, 2):
+        with engine_for(bundle, max_batch_size=4) as engine:
+            outcomes, joined_at = run(join_at(engine, offset))
+            stats = engine.stats()
+        assert_same(outcomes, alone)
+        assert stats["peak_batch_size"] == 2 and stats["prefills"] == 2
+        seen_offsets.add(joined_at)
+    assert len(seen_offsets) >= 6  # really joined at many different points
+
+
+def test_a_3000_token_prompt_decodes_in_one_batch_with_short_ones(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """Past the model's 2048-token seq_length the long row gets its own NTK alpha and
+    log-n scaling while short rows keep theirs, in the same decode steps."""
+    text = " ".join(f"word{i % 97}" for i in range(1500))
+    long = request(builder, "long", TextItem(text), max_tokens=24)
+    assert len(long.prompt_ids) > 3000
+    requests = [
+        long,
+        request(builder, "short", TextItem("hi"), max_tokens=30),
+        request(builder, "short2", TextItem("Hello"), max_tokens=20),
+    ]
+    alone = solo(bundle, requests)
+    batched, stats = all_at_once(bundle, requests)
+    assert_same(batched, alone)
+    assert stats["peak_batch_size"] == 3 and stats["prefills"] == 1
+
+
+def test_a_full_cache_makes_admissions_wait_not_fail(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    requests = [
+        request(builder, f"r{i}", TextItem(f"Hello {i}"), max_tokens=10 + 3 * i)
+        for i in range(5)
+    ]
+    alone = solo(bundle, requests)
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 1, "a step")
+        assert engine.stats()["queue_depth"] == 3  # two slots: the rest wait
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=2) as engine:
+        assert engine.runner is not None and engine.runner.cache.slots == 2
+        outcomes = run(together(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["peak_batch_size"] == 2 and stats["failed"] == 0
+
+
+def test_cache_slots_come_back_after_finish_cancel_timeout_and_fault(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """Two slots; each way of leaving frees its slot at once: afterwards two new
+    requests still run side by side and answer as they do alone."""
+    long = request(builder, "long", TextItem("Say something"), max_tokens=400)
+    probes = [request(builder, "p1", TextItem("hi"), max_tokens=15),
+              request(builder, "p2", TextItem("Hello"), max_tokens=25)]
+    alone = solo(bundle, probes)
+
+    async def scenario(engine: BatchingEngine) -> list[Outcome]:
+        # finished
+        await collect(engine.submit(probes[0]))
+        # cancelled while running
+        cancelled = engine.submit(long)
+        await wait_until(lambda: engine.stats()["batch_size"] == 1, "running")
+        cancelled.cancel()
+        await wait_until(lambda: engine.stats()["batch_size"] == 0, "freed")
+        # timed out while running
+        timed = engine.submit(replace(long, deadline=time.monotonic() + 0.2))
+        outcome = await collect(timed)
+        assert isinstance(outcome.end, Failed)
+        assert isinstance(outcome.end.error, RequestTimeoutError)
+        # a fault in the model call fails the running rows and frees their slots
+        runner = engine.runner
+        assert runner is not None
+        original = runner.decode
+
+        def broken(count: int, longest: int) -> torch.Tensor:
+            raise RuntimeError("injected")
+
+        runner.decode = broken  # type: ignore[method-assign]
+        faulted = await collect(engine.submit(long))
+        assert isinstance(faulted.end, Failed)
+        runner.decode = original  # type: ignore[method-assign]
+        await wait_until(lambda: engine.stats()["batch_size"] == 0, "freed")
+        handles = [engine.submit(p) for p in probes]
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=2) as engine:
+        outcomes = run(scenario(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["peak_batch_size"] == 2
+    assert stats["cancelled"] == 1 and stats["failed"] == 2

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # Same pre-tokenisation regex as the tokenizer, so the learned merges are usable.
 PAT_STR = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
@@ -204,7 +203,8 @@ def build_tiny_checkpoint(target: Path, *, seed: int = 0, shards: int = 1) -> Pa
             if name.endswith("positional_embedding"):
                 value = tensor
             elif "ln" in name.split(".")[-2] or name.split(".")[-2].startswith("ln_"):
-                value = torch.ones_like(tensor) if name.endswith("weight") else torch.zeros_like(tensor)
+                ones = name.endswith("weight")
+                value = torch.ones_like(tensor) if ones else torch.zeros_like(tensor)
             elif name.endswith("bias"):
                 value = torch.randn_like(tensor) * 0.02
             else:
@@ -217,6 +217,9 @@ def build_tiny_checkpoint(target: Path, *, seed: int = 0, shards: int = 1) -> Pa
         # Keep the random model mostly on ordinary tokens: damp the audio/extra
         # special tokens, but leave <|endoftext|>, <|im_start|>, <|im_end|> alone.
         head[im_end + 1 : n_tok] *= 0.05
+        # Answers that run for a while (tests need long generations to join, cancel and
+        # time out); the end tokens stay reachable, just less likely.
+        head[eod : im_end + 1] *= 0.8
     names_sorted = sorted(state)
     if shards <= 1:
         save_file(state, str(target / "model.safetensors"))

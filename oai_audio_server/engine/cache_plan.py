@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from oai_audio_server.engine.kv_cache import KVLayout, slots_for_budget
+from oai_audio_server.settings import Settings
 
 MIB = 1024 * 1024
 CPU_DEFAULT_BATCH = 8
@@ -27,6 +28,15 @@ class CacheOptions:
     gpu_memory_fraction: float = 0.9
     cuda_graphs: bool = True
     max_prefill_tokens: int = 8192
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CacheOptions:
+        return cls(
+            kv_cache_memory_mb=settings.kv_cache_memory_mb,
+            gpu_memory_fraction=settings.gpu_memory_fraction,
+            cuda_graphs=settings.cuda_graphs,
+            max_prefill_tokens=settings.max_prefill_tokens,
+        )
 
 
 @dataclass(frozen=True)

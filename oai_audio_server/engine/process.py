@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from oai_audio_server.engine.cache_plan import CacheOptions
 from oai_audio_server.engine.loader import ModelBundle, ModelInfo, load_bundle, load_front_bundle
 from oai_audio_server.engine.scheduler import (
     COUNTERS,
@@ -105,7 +106,7 @@ class EngineProcess:
         self,
         settings: Settings,
         *,
-        max_batch_size: int = 8,
+        max_batch_size: int = 0,
         max_queue: int = 64,
         join_wait_steps: int = 0,
     ) -> None:
@@ -433,6 +434,7 @@ class _EngineSide:
             max_batch_size=max_batch_size,
             max_queue=sys.maxsize,  # the server process bounds the queue
             join_wait_steps=join_wait_steps,
+            cache=CacheOptions.from_settings(settings),
             on_admit=self._admitted,
             on_step=self._publish_stats,
         )
