@@ -29,3 +29,26 @@ async def closed_loop_clients(requests: int, clients: int, send: Send) -> float:
         start = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         return time.perf_counter() - start
+
+
+async def timed_closed_loop_clients(
+    seconds: float, clients: int, send: Send, max_requests: int = 100_000
+) -> float:
+    """Like ``closed_loop_clients`` but sized by time: clients start new requests until
+    ``seconds`` have passed (or ``max_requests`` were started, a bound for safety); the
+    requests in flight then finish. Returns the wall time."""
+    started = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal started
+        while time.perf_counter() < deadline and started < max_requests:
+            index = started
+            started += 1
+            await send(client, index)
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        return time.perf_counter() - start

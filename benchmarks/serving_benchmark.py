@@ -1,17 +1,20 @@
-"""Serving throughput and latency against the in-process model, as printed tables.
+"""Serving throughput and latency of the native engine, next to the decode floor.
 
-    python benchmarks/serving_benchmark.py [MODEL_DIR] [--concurrency 1,4,8,16]
-        [--requests 64] [--rounds 3] [--max-tokens 64] [--device auto] [--torch-threads N]
+    python benchmarks/serving_benchmark.py [MODEL_DIR] [--full-size] [--concurrency 1,8,32,64]
+        [--seconds 30] [--max-tokens 128] [--audio-seconds 6] [--device auto]
 
 Starts the server on MODEL_DIR (a subprocess on 127.0.0.1, free port) and runs
-closed-loop clients at each concurrency, streaming and not: every client sends its next
-request as soon as the previous answer ends. TTFT is the time to the first content
-chunk. Then the issue's two targets, in paired rounds: the same checkpoint in this
-process (sequential ``model.chat``, and one left-padded ``model.generate`` of batch 8),
-measured right before the server's 1-client latency and 8-client throughput, with the
-median ratio over the rounds. Only prompts whose greedy answer runs to the length limit
-are used, so every request decodes exactly ``--max-tokens`` tokens everywhere. Without
-MODEL_DIR the tiny test checkpoint is built in a temporary directory.
+closed-loop clients at each concurrency for ``--seconds`` (every client sends its next
+request as soon as its previous answer ends), streaming. Each request is an audio of
+``--audio-seconds`` plus a question, greedy, ``--max-tokens`` new tokens; only questions
+whose greedy answer runs to the limit are used, so every request decodes exactly that
+many tokens. Printed per concurrency: tokens/s, TTFT, latency, the server's mean decode
+step (from the engine's counters) and the floor of one decode step at that batch size
+measured in this process on the same device (see decode_floor.py).
+
+Without MODEL_DIR a checkpoint is built in a temporary directory: the tiny test shapes,
+or with ``--full-size`` the published model's shapes with random weights, built on the
+device in seconds (random_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +36,8 @@ TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS_DIR))
 sys.path.insert(0, str(TESTS_DIR.parent))
 
-from load import closed_loop_clients  # noqa: E402
+from decode_floor import floor_step_ms  # noqa: E402
+from load import closed_loop_clients, timed_closed_loop_clients  # noqa: E402
 from server_process import ServerProcess, running_server  # noqa: E402
 
 MODEL = "bench"
@@ -72,7 +75,7 @@ class LevelResult:
         return sum(s.tokens for s in self.samples)
 
 
-ENGINE_COUNTERS = ("prefills", "decode_steps", "completion_tokens")
+ENGINE_COUNTERS = ("prefills", "decode_steps", "decode_time_us", "completion_tokens")
 
 
 def engine_counters(server: ServerProcess) -> dict[str, float]:
@@ -94,9 +97,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def chat_body(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+def make_audio(seconds: float) -> str:
+    """Base64 WAV of a few tones and some noise, ``seconds`` long."""
+    import base64
+
+    from media import tone, wav_bytes
+
+    return base64.b64encode(wav_bytes(tone(seconds, 220.0))).decode()
+
+
+def chat_body(
+    prompt: str, max_tokens: int, stream: bool, audio: str | None = None
+) -> dict[str, Any]:
+    content: Any = prompt
+    if audio is not None:
+        content = [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
+                   {"type": "text", "text": prompt}]
     body: dict[str, Any] = {
-        "model": MODEL, "messages": [{"role": "user", "content": prompt}],
+        "model": MODEL, "messages": [{"role": "user", "content": content}],
         "max_tokens": max_tokens, "temperature": 0, "stream": stream,
     }
     if stream:
@@ -104,13 +122,15 @@ def chat_body(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
     return body
 
 
-def pick_prompts(server: ServerProcess, max_tokens: int, wanted: int) -> list[str]:
+def pick_prompts(
+    server: ServerProcess, max_tokens: int, wanted: int, audio: str | None = None
+) -> list[str]:
     """Prompts whose greedy answer runs to max_tokens (no early stop)."""
     chosen: list[str] = []
     with httpx.Client(timeout=600) as client:
         for prompt in CANDIDATE_PROMPTS:
             reply = client.post(server.api_url + "/chat/completions",
-                                json=chat_body(prompt, max_tokens, stream=False)).json()
+                                json=chat_body(prompt, max_tokens, False, audio)).json()
             if reply["choices"][0]["finish_reason"] == "length":
                 chosen.append(prompt)
             if len(chosen) == wanted:
@@ -159,7 +179,9 @@ async def closed_loop(
     concurrency: int,
     requests: int,
     max_tokens: int,
+    audio: str | None = None,
     stream: bool = True,
+    seconds: float | None = None,
 ) -> LevelResult:
     url = server.api_url + "/chat/completions"
     samples: list[Sample] = []
@@ -167,7 +189,7 @@ async def closed_loop(
 
     async def send(client: httpx.AsyncClient, index: int) -> None:
         nonlocal errors
-        body = chat_body(prompts[index % len(prompts)], max_tokens, stream=stream)
+        body = chat_body(prompts[index % len(prompts)], max_tokens, stream=stream, audio=audio)
         try:
             samples.append(await (one_request if stream else one_json_request)(client, url, body))
         except Exception as exc:  # counted and reported, never hidden
@@ -175,79 +197,13 @@ async def closed_loop(
             print(f"  request {index} failed: {exc}", file=sys.stderr)
 
     before = engine_counters(server)
-    wall = await closed_loop_clients(requests, concurrency, send)
+    if seconds is not None:
+        wall = await timed_closed_loop_clients(seconds, concurrency, send)
+    else:
+        wall = await closed_loop_clients(requests, concurrency, send)
     after = engine_counters(server)
     engine = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in ENGINE_COUNTERS}
-    return LevelResult(concurrency, requests, errors, wall, samples, engine)
-
-
-@dataclass
-class InProcess:
-    chat_latencies: list[float]
-    batch8_seconds: float
-    batch8_tokens: int
-
-    @property
-    def chat_p50_ms(self) -> float:
-        return statistics.median(self.chat_latencies) * 1000
-
-    @property
-    def batch8_tokens_per_second(self) -> float:
-        return self.batch8_tokens / self.batch8_seconds
-
-
-class Baselines:
-    """The same checkpoint in this process: sequential ``model.chat`` and one left-padded
-    ``model.generate`` of batch 8, greedy, every answer exactly max_tokens long."""
-
-    def __init__(self, model_dir: Path, device: str, prompts: list[str], max_tokens: int):
-        import torch
-
-        from oai_audio_server.engine.loader import load_bundle
-        from oai_audio_server.qwen.conversation import Conversation, TextItem
-        from oai_audio_server.qwen.prompt import QwenPromptBuilder
-        from oai_audio_server.settings import Settings
-
-        self._torch = torch
-        self._bundle = load_bundle(Settings(model=str(model_dir), device=device))
-        self._prompts = prompts
-        self._max_tokens = max_tokens
-        self._greedy = {"do_sample": False, "top_p": None, "top_k": None, "temperature": None}
-        builder = QwenPromptBuilder(self._bundle.tokenizer,
-                                    max_window_size=self._bundle.max_window_size)
-        rows = [builder.build(Conversation(query=(TextItem(prompts[i % len(prompts)]),)))
-                .token_ids for i in range(8)]
-        self._width = max(len(r) for r in rows)
-        input_ids = torch.full((8, self._width), self._bundle.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((8, self._width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, self._width - len(row):] = torch.tensor(row)
-            mask[i, self._width - len(row):] = 1
-        self._input_ids = input_ids.to(self._bundle.device)
-        self._mask = mask.to(self._bundle.device)
-        with torch.inference_mode():  # warm-up
-            self._bundle.model.chat(self._bundle.tokenizer, prompts[0], history=None,
-                                    max_new_tokens=4, **self._greedy)
-
-    def measure(self, chat_calls: int) -> InProcess:
-        model, tokenizer = self._bundle.model, self._bundle.tokenizer
-        with self._torch.inference_mode():
-            latencies = []
-            for i in range(chat_calls):
-                start = time.perf_counter()
-                model.chat(tokenizer, self._prompts[i % len(self._prompts)], history=None,
-                           max_new_tokens=self._max_tokens, **self._greedy)
-                latencies.append(time.perf_counter() - start)
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                out = model.generate(self._input_ids, attention_mask=self._mask,
-                                     max_new_tokens=self._max_tokens,
-                                     min_new_tokens=self._max_tokens,
-                                     pad_token_id=self._bundle.pad_token_id, **self._greedy)
-                best = min(best, time.perf_counter() - start)
-        tokens = int(out.shape[0] * (out.shape[1] - self._width))
-        return InProcess(latencies, best, tokens)
+    return LevelResult(concurrency, len(samples) + errors, errors, wall, samples, engine)
 
 
 def rows_per_step(result: LevelResult) -> float:
@@ -276,120 +232,92 @@ def print_table(results: list[LevelResult], mode: str) -> None:
     print()
 
 
-@dataclass
-class TargetRound:
-    mode: str
-    one_client_p50_ms: float
-    chat_p50_ms: float
-    eight_clients_tps: float
-    batch8_tps: float
-
-    @property
-    def latency_ratio(self) -> float:
-        return self.one_client_p50_ms / self.chat_p50_ms
-
-    @property
-    def throughput_ratio(self) -> float:
-        return self.eight_clients_tps / self.batch8_tps
+def decode_step_ms(result: LevelResult) -> float:
+    steps = result.engine["decode_steps"]
+    return result.engine["decode_time_us"] / steps / 1000 if steps else float("nan")
 
 
-def target_rounds(
-    server: ServerProcess, baselines: Baselines, prompts: list[str], requests: int,
-    max_tokens: int, rounds: int,
-) -> list[TargetRound]:
-    """The issue's two ratios, each server figure next to a baseline measured right
-    before it: on a shared machine the speed drifts by tens of percent within minutes,
-    so figures taken minutes apart would compare the machine, not the server."""
-    found = []
-    for _ in range(rounds):
-        for mode in ("streaming", "json"):
-            stream = mode == "streaming"
-            base = baselines.measure(chat_calls=16)
-            one = asyncio.run(closed_loop(server, prompts, 1, requests // 2, max_tokens, stream))
-            eight = asyncio.run(closed_loop(server, prompts, 8, requests, max_tokens, stream))
-            found.append(TargetRound(
-                mode=mode,
-                one_client_p50_ms=percentile([s.latency * 1000 for s in one.samples], 50),
-                chat_p50_ms=base.chat_p50_ms,
-                eight_clients_tps=eight.tokens / eight.wall,
-                batch8_tps=base.batch8_tokens_per_second,
-            ))
-    return found
-
-
-def print_targets(rounds: list[TargetRound], max_tokens: int) -> None:
-    print(f"targets, {max_tokens} greedy tokens per request; in-process baselines: sequential "
-          "model.chat, and model.generate of one left-padded batch of 8 (best of 3):")
-    print("| mode      | 1 client p50 | model.chat p50 | ratio (<= 1.03) | 8 clients tok/s "
-          "| batch-8 tok/s | ratio (>= 0.95) |")
-    print("|-----------|--------------|----------------|-----------------|-----------------"
-          "|---------------|-----------------|")
-    for r in rounds:
-        print(f"| {r.mode:<9} | {r.one_client_p50_ms:>10.1f}ms | {r.chat_p50_ms:>12.1f}ms | "
-              f"{r.latency_ratio:>15.3f} | {r.eight_clients_tps:>15.1f} | {r.batch8_tps:>13.1f} "
-              f"| {r.throughput_ratio:>15.3f} |")
+def print_levels(results: list[LevelResult], floors: dict[int, float]) -> None:
+    header = (f"| {'clients':>7} | {'requests':>8} | {'errors':>6} | {'tokens/s':>9} | "
+              f"{'TTFT p50':>9} | {'TTFT p95':>9} | {'lat p50':>8} | {'rows/step':>9} | "
+              f"{'step':>8} | {'floor':>8} | {'step/floor':>10} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in results:
+        ttfts = [x.ttft * 1000 for x in r.samples]
+        lats = [x.latency * 1000 for x in r.samples]
+        step = decode_step_ms(r)
+        floor = floors.get(r.concurrency, float("nan"))
+        print(f"| {r.concurrency:>7} | {len(r.samples):>8} | {r.errors:>6} | "
+              f"{r.tokens / r.wall:>9.1f} | {percentile(ttfts, 50):>7.1f}ms | "
+              f"{percentile(ttfts, 95):>7.1f}ms | {percentile(lats, 50):>6.0f}ms | "
+              f"{rows_per_step(r):>9.2f} | {step:>6.2f}ms | {floor:>6.2f}ms | "
+              f"{step / floor:>10.2f} |")
     print()
-    for mode in ("streaming", "json"):
-        mine = [r for r in rounds if r.mode == mode]
-        latency = [r.latency_ratio for r in mine]
-        throughput = [r.throughput_ratio for r in mine]
-        print(f"{mode}: median 1-client latency ratio {statistics.median(latency):.3f} "
-              f"(range {min(latency):.3f}-{max(latency):.3f}, target <= 1.03); median 8-client "
-              f"throughput ratio {statistics.median(throughput):.3f} "
-              f"(range {min(throughput):.3f}-{max(throughput):.3f}, target >= 0.95)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", nargs="?", type=Path)
-    parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="paired server/baseline rounds for the target ratios")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--full-size", action="store_true",
+                        help="without MODEL_DIR: build the published shapes, random weights")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--seconds", type=float, default=30.0, help="load time per level")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--audio-seconds", type=float, default=6.0)
+    parser.add_argument("--max-model-len", type=int, default=1024,
+                        help="KV-cache slot length for the server (prompt + answer)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--torch-threads", type=int, default=0,
-                        help="CPU intra-op threads for the server (--cpu-threads) and the "
-                        "in-process baseline alike (default: the server's own rule, one "
-                        "fewer than the cores)")
+                        help="CPU intra-op threads for the server (--cpu-threads)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
 
+    import torch
+
+    from oai_audio_server.engine.loader import cpu_thread_count, pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    dtype = pick_dtype("auto", device)
+    threads = cpu_thread_count(args.torch_threads)
+    torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix="oas-bench-"))
     model_dir = args.model_dir
     if model_dir is None:
-        from tiny_model import build_tiny_checkpoint
+        from random_checkpoint import build
 
-        model_dir = build_tiny_checkpoint(work / "tiny", seed=0)
-    import torch
+        if args.full_size:
+            model_dir = build(work / "full", full_size=True, device=device, dtype=dtype)
+        else:
+            from tiny_model import build_tiny_checkpoint
 
-    from oai_audio_server.engine.loader import cpu_thread_count
-
-    threads = cpu_thread_count(args.torch_threads)
-    torch.set_num_threads(threads)  # the in-process baselines get what the server gets
+            model_dir = build_tiny_checkpoint(work / "tiny", seed=0)
+    config = json.loads((model_dir / "config.json").read_text())
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    kv_len = args.max_tokens + 64 + int(args.audio_seconds * 25)
+    floors = {c: floor_step_ms(config, c, kv_len, device, dtype) for c in levels}
 
     flags = ["--served-model-name", MODEL, "--device", args.device,
-             "--cpu-threads", str(threads),
-             "--max-batch-size", str(max(8, *levels)), "--max-queue", str(4 * max(levels))]
+             "--cpu-threads", str(threads), "--max-model-len", str(args.max_model_len),
+             "--max-batch-size", str(max(levels)), "--max-queue", str(4 * max(levels))]
+    audio = make_audio(args.audio_seconds)
     with running_server(model_dir, work, *flags) as server:
-        prompts = pick_prompts(server, args.max_tokens, wanted=8)
-        print(f"model {model_dir}, {len(prompts)} prompts that run to {args.max_tokens} "
-              f"tokens, device {args.device}, CPU threads {threads}, "
-              f"cpus {os.cpu_count()}\n")
-        asyncio.run(closed_loop(server, prompts, 2, 4, args.max_tokens))  # warm-up
-        for mode in ("streaming", "json (not streamed)"):
-            print_table([
-                asyncio.run(closed_loop(server, prompts, c, args.requests, args.max_tokens,
-                                        stream=(mode == "streaming")))
-                for c in levels
-            ], mode)
-        print("(requests: the answered ones; prefills: model calls that started requests; "
-              "rows/step: mean batch size of the decode steps; not streamed, TTFT is the "
-              "whole answer's latency)\n")
-        baselines = Baselines(model_dir, args.device, prompts, args.max_tokens)
-        rounds = target_rounds(server, baselines, prompts, args.requests, args.max_tokens,
-                               args.rounds)
-    print_targets(rounds, args.max_tokens)
+        prompts = pick_prompts(server, args.max_tokens, wanted=8, audio=audio)
+        print(f"model {model_dir} ({config['num_hidden_layers']} layers of "
+              f"{config['hidden_size']}), device {device_name} ({dtype}), "
+              f"{args.audio_seconds:g} s audio + question, {args.max_tokens} greedy tokens, "
+              f"{args.seconds:g} s per level, {len(prompts)} questions, cpus {os.cpu_count()}\n")
+        asyncio.run(closed_loop(server, prompts, 2, 4, args.max_tokens, audio))  # warm-up
+        results = [
+            asyncio.run(closed_loop(server, prompts, c, 0, args.max_tokens, audio,
+                                    seconds=args.seconds))
+            for c in levels
+        ]
+    print_levels(results, floors)
+    print(f"(streaming; requests: the answered ones; rows/step: mean batch size of the "
+          f"decode steps; step: the engine's mean decode step; floor: one step of the "
+          f"model's shapes at that batch size and KV length {kv_len} in a CUDA graph "
+          f"(eagerly on a CPU), measured in this run)")
 
 
 if __name__ == "__main__":

@@ -32,16 +32,15 @@ def table_rows(output: str, first_cell: str) -> list[list[str]]:
 
 def test_serving_benchmark_runs(tiny_checkpoint: Path) -> None:
     output = run("serving_benchmark.py", str(tiny_checkpoint), "--concurrency", "1,2",
-                 "--requests", "4", "--rounds", "1", "--max-tokens", "8",
+                 "--seconds", "1.5", "--max-tokens", "8", "--audio-seconds", "1",
                  "--torch-threads", "1")
     for clients in ("1", "2"):
-        rows = table_rows(output, clients)
-        assert len(rows) == 2, output  # streamed and not streamed
-        # All 4 answered, none failed, and tokens came back.
-        assert all(row[1] == "4" and row[2] == "0" for row in rows), output
-        assert all(float(row[4]) > 0 for row in rows), output
-    assert len(table_rows(output, "streaming")) == 1 and len(table_rows(output, "json")) == 1
-    assert "median 8-client throughput ratio" in output
+        (row,) = table_rows(output, clients)
+        # Requests answered, none failed, tokens came back, a decode step and a floor.
+        assert int(row[1]) >= 1 and row[2] == "0", output
+        assert float(row[3]) > 0, output
+        assert row[8].endswith("ms") and float(row[8][:-2]) > 0, output
+        assert row[9].endswith("ms") and float(row[9][:-2]) > 0, output
 
 
 def test_soak_runs_clean(tiny_checkpoint: Path) -> None:

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 COUNTERS = (
     "prefills",
     "decode_steps",
+    "decode_time_us",  # wall time of decode steps (model, sampling, the one host copy)
     "prompt_tokens",
     "completion_tokens",
     "finished",
@@ -523,6 +524,7 @@ class BatchingEngine:
 
     def _decode_step(self, runner: ModelRunner, rows: list[Row]) -> list[Row]:
         bundle = self.bundle
+        started = time.perf_counter()
         count = len(rows)
         logits = runner.decode(count, max(row.position for row in rows))
         samplers = [row.sampling for row in rows]
@@ -532,6 +534,7 @@ class BatchingEngine:
         runner.rows.advance(count, chosen)
         tokens = chosen.tolist()  # the step's one wait for the device
         self._counters["decode_steps"] += 1
+        self._counters["decode_time_us"] += int((time.perf_counter() - started) * 1e6)
         for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.position += 1
             self._accept(bundle, row, token, chosen[index : index + 1])
