@@ -33,20 +33,20 @@ def bundle(tiny_checkpoint: Path) -> ModelBundle:
 
 @pytest.fixture()
 def engine(bundle: ModelBundle) -> Iterator[BatchingEngine]:
-    transformer = bundle.model.transformer
-    original = transformer.forward
+    model = bundle.model
+    assert model is not None
+    original = model.prefill
 
-    def failing_forward(*args: Any, **kwargs: Any) -> Any:
-        input_ids = kwargs["input_ids"]
-        if input_ids.shape[1] > 1 and bool((input_ids == POISON).any()):
+    def failing_prefill(prompts: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(POISON in prompt for prompt in prompts):
             raise RuntimeError("poisoned prompt")
-        return original(*args, **kwargs)
+        return original(prompts, *args, **kwargs)
 
-    transformer.forward = failing_forward
+    model.prefill = failing_prefill  # type: ignore[method-assign]
     engine = started_engine(bundle, max_batch_size=4)
     yield engine
     engine.close()
-    transformer.forward = original
+    model.prefill = original  # type: ignore[method-assign]
 
 
 def started_engine(bundle: ModelBundle, **limits: int) -> BatchingEngine:
@@ -109,18 +109,20 @@ def test_a_failing_newcomer_leaves_the_running_batch_alone(
 def test_a_fault_outside_the_model_calls_keeps_the_worker_alive(
     engine: BatchingEngine, bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Freeing a finished row's slot fails once (as a device error would): the rows in
+    flight fail, the worker stays alive with an empty batch and serves the next one."""
     from oai_audio_server.engine import batch as batch_module
 
     calls = {"n": 0}
-    original = batch_module.Batch.extend
+    original = batch_module.DeviceRows.clear_from
 
-    def extend_once_failing(self: Any, other: Any) -> Any:
+    def clear_once_failing(self: Any, start: int) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("out of memory while joining")
-        return original(self, other)
+            raise RuntimeError("device error while freeing a slot")
+        original(self, start)
 
-    monkeypatch.setattr(batch_module.Batch, "extend", extend_once_failing)
+    monkeypatch.setattr(batch_module.DeviceRows, "clear_from", clear_once_failing)
     first = request([bundle.tokenizer.im_start_id, 40, 41, 42, 43, 44, 45, 46], 60)
     joiner = request([bundle.tokenizer.im_start_id, 50, 51], 10)
 
@@ -132,11 +134,13 @@ def test_a_fault_outside_the_model_calls_keeps_the_worker_alive(
         return await running, joined
 
     first_events, joiner_events = asyncio.run(scenario())
-    assert isinstance(joiner_events[-1], Failed)
+    assert isinstance(joiner_events[-1], Finished)  # it had finished: its slot was freed
     assert isinstance(first_events[-1], Failed)  # it was in the batch that failed
-    later = asyncio.run(collect(engine, joiner))
+    assert isinstance(first_events[-1].error, EngineError)
+    assert calls["n"] >= 1
+    later = asyncio.run(collect(engine, first))
     assert isinstance(later[-1], Finished)  # the worker is still serving
-    assert engine.ready
+    assert engine.ready and engine.stats()["batch_size"] == 0
 
 
 def test_a_group_needs_one_queue_slot(bundle: ModelBundle) -> None:

@@ -216,14 +216,15 @@ def test_stop_while_the_model_loads_ends_the_process_at_once(
     """A load cannot be interrupted (a download or a CUDA call may take minutes): a
     stop that arrives meanwhile ends the engine process itself, with status 0, instead
     of leaving it to be killed after close()'s timeout."""
-    slow = tmp_path / "slow_loading_ckpt"  # its own name: remote code is cached by it
+    slow = tmp_path / "slow_loading_ckpt"
     shutil.copytree(tiny_checkpoint, slow)
-    modeling = slow / "modeling_tiny_qwen.py"
-    modeling.write_text("import time\ntime.sleep(120)\n" + modeling.read_text())
+    # A vocabulary file that never arrives: the load blocks reading it, like a slow disk.
+    (slow / "qwen.tiktoken").unlink()
+    os.mkfifo(slow / "qwen.tiktoken")
     engine = EngineProcess(Settings(model=str(slow), device="cpu", cpu_threads=1))
     engine.start()
     wait_for(lambda: engine.pid is not None and engine.is_alive(), "the engine process")
-    time.sleep(3)  # well into the load (the tokenizer loads first, then the model sleeps)
+    time.sleep(3)  # well into the load (blocked reading the vocabulary)
     engine.close(timeout=60)
     assert not engine.is_alive()
     assert engine._process.exitcode == 0  # ended itself; killed would be -9
