@@ -119,14 +119,37 @@ def resolve(
             return _download(candidate, model, download_dir, endpoint, download)
         logger.warning("%s (%s) cannot be reached: %s", candidate.title, endpoint, reason)
         failures.append(f"{candidate.title} ({endpoint})")
-    cached = _from_cache(order, model, download_dir, download)
+    cached = _from_cache(
+        [h for h in order if may_be_cached(h, model, download_dir, environ)],
+        model, download_dir, download,
+    )
     if cached is not None:
         return cached
+    where = (failures[0] + " cannot" if len(failures) == 1
+             else "neither " + " nor ".join(failures) + " can")
+    other = [h.name for h in HUBS.values() if h not in order]
     raise HubError(
-        f"cannot download {model}: {' nor '.join(failures)} cannot be reached "
-        f"(check the network or proxy{', or try --hub' if hub != 'auto' else ''}); "
+        f"cannot download {model}: {where} be reached (check the network or proxy"
+        + (f", or try --hub {other[0]}" if other else "")
+        + "); "
         + LOCAL_HINT
     )
+
+
+def may_be_cached(
+    hub: Hub, model_id: str, download_dir: str | None, env: Mapping[str, str]
+) -> bool:
+    """Whether the hub's cache has a folder for the id (then the hub's library, which is
+    slow to import, is asked whether the copy is complete)."""
+    home = Path.home() / ".cache"
+    if hub is HUGGINGFACE:
+        root = Path(download_dir or env.get("HF_HUB_CACHE")
+                    or Path(env.get("HF_HOME") or home / "huggingface") / "hub")
+        return (root / ("models--" + model_id.replace("/", "--"))).is_dir()
+    root = Path(download_dir or env.get("MODELSCOPE_CACHE") or home / "modelscope")
+    names = {model_id, model_id.replace(".", "___")}
+    return any((root / sub / name).is_dir()
+               for sub in ("", "hub", "models", "hub/models") for name in names)
 
 
 def _download(

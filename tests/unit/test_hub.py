@@ -13,6 +13,7 @@ from oai_audio_server.hub import (
     HubError,
     hub_order,
     is_model_id,
+    may_be_cached,
     resolve,
 )
 
@@ -70,16 +71,31 @@ def test_explicit_hub_never_falls_back() -> None:
     assert "\n" not in message
     assert "Hugging Face (http://hf.test) cannot be reached" in message
     assert "local checkpoint directory" in message
-    assert fake.downloads == [("huggingface", "Qwen/Qwen-Audio-Chat", "/dl", True)]
+    assert "try --hub modelscope" in message
+    assert fake.downloads == []  # nothing in the cache: the library is not even asked
 
 
-def test_unreachable_hubs_use_a_cached_copy() -> None:
+def test_unreachable_hubs_use_a_cached_copy(tmp_path: Path) -> None:
+    (tmp_path / "hub" / "Qwen" / "Qwen-Audio-Chat").mkdir(parents=True)
     fake = FakeHubs(up=set(), cached={"modelscope": Path("/cache/ms")})
-    assert run("Qwen/Qwen-Audio-Chat", "auto", fake) == Path("/cache/ms")
+    found = resolve("Qwen/Qwen-Audio-Chat", "auto", str(tmp_path), environ=ENV,
+                    reach=fake.reach, download=fake.download)
+    assert found == Path("/cache/ms")
+    assert fake.downloads == [("modelscope", "Qwen/Qwen-Audio-Chat", str(tmp_path), True)]
+
+
+def test_cache_folders_of_either_hub(tmp_path: Path) -> None:
+    env = {"HF_HOME": str(tmp_path / "hf"), "MODELSCOPE_CACHE": str(tmp_path / "ms")}
+    assert not may_be_cached(HUGGINGFACE, "Qwen/Qwen-Audio-Chat", None, env)
+    (tmp_path / "hf" / "hub" / "models--Qwen--Qwen-Audio-Chat").mkdir(parents=True)
+    assert may_be_cached(HUGGINGFACE, "Qwen/Qwen-Audio-Chat", None, env)
+    assert not may_be_cached(MODELSCOPE, "qwen/Qwen-Audio-Chat", None, env)
+    (tmp_path / "ms" / "models" / "qwen" / "Qwen-Audio-Chat").mkdir(parents=True)
+    assert may_be_cached(MODELSCOPE, "qwen/Qwen-Audio-Chat", None, env)
 
 
 def test_both_unreachable_names_both() -> None:
-    with pytest.raises(HubError, match="Hugging Face .* nor ModelScope .* cannot be reached"):
+    with pytest.raises(HubError, match="neither Hugging Face .* nor ModelScope .* can be reached"):
         run("Qwen/Qwen-Audio-Chat", "auto", FakeHubs(up=set()))
 
 
