@@ -17,7 +17,8 @@ def settings_table() -> str:
             flag = "`MODEL` (positional)" if field.name == "model" else (
                 "`--" + field.name.replace("_", "-") + "`")
             default = field.default
-            shown = "none" if default in (None, ()) else format_value(default, field.metadata["unit"])
+            unit = field.metadata["unit"]
+            shown = "none" if default in (None, ()) else format_value(default, unit)
             rows.append(f"| {flag} | `{env_name(field.name)}` | {shown} | "
                         f"{field.metadata['help'].replace('|', '/')} |")
     return "\n".join(rows) + "\n"
