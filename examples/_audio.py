@@ -6,15 +6,31 @@ Not part of the server; each example imports only this helper and its client lib
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import struct
 import sys
+import urllib.request
 import wave
 
 BASE_URL = os.environ.get("OAS_BASE_URL", "http://127.0.0.1:8000/v1")
-MODEL = os.environ.get("OAS_MODEL", "qwen-audio-chat")
 API_KEY = os.environ.get("OAS_API_KEY", "not-needed")
+
+
+def served_model() -> str:
+    """OAS_MODEL, else the first model the server lists at /v1/models (the name it was
+    started with: a hub id, a directory, or the first --served-model-name)."""
+    if os.environ.get("OAS_MODEL"):
+        return os.environ["OAS_MODEL"]
+    request = urllib.request.Request(
+        BASE_URL.rstrip("/") + "/models", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return str(json.load(reply)["data"][0]["id"])
+
+
+MODEL = served_model()
 
 
 def tone_wav(seconds: float = 1.5, frequency: float = 440.0, rate: int = 16000) -> bytes:

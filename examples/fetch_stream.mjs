@@ -1,8 +1,15 @@
 // Stream a chat completion with fetch (browsers, Node 18+) and parse the SSE events.
 //   OAS_BASE_URL=http://127.0.0.1:8000/v1 node examples/fetch_stream.mjs
 const baseUrl = process.env.OAS_BASE_URL ?? "http://127.0.0.1:8000/v1";
-const model = process.env.OAS_MODEL ?? "qwen-audio-chat";
 const apiKey = process.env.OAS_API_KEY ?? "not-needed";
+// OAS_MODEL, else the first model the server lists (the name it was started with).
+const model =
+  process.env.OAS_MODEL ||
+  (
+    await (
+      await fetch(`${baseUrl}/models`, { headers: { Authorization: `Bearer ${apiKey}` } })
+    ).json()
+  ).data[0].id;
 
 const response = await fetch(`${baseUrl}/chat/completions`, {
   method: "POST",

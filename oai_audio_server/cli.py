@@ -1,4 +1,4 @@
-"""``oai-audio-server serve MODEL [options]``; every option also reads ``OAS_<NAME>``."""
+"""``oai-audio-server serve [MODEL] [options]``; every option also reads ``OAS_<NAME>``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import signal
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
 
 from oai_audio_server import __version__
-from oai_audio_server.settings import Settings, env_name, setting_fields
+from oai_audio_server.hub import HubError, resolve
+from oai_audio_server.settings import GROUPS, Settings, env_name, setting_fields
+from oai_audio_server.units import format_value, parse_bytes
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -27,7 +30,9 @@ def _base_type(annotation: Any) -> Any:
     return typing.get_origin(hint) or hint
 
 
-def _convert(kind: Any, raw: str, name: str) -> Any:
+def _convert(kind: Any, raw: str, name: str, unit: str = "") -> Any:
+    if unit == "bytes":
+        return parse_bytes(raw)
     if kind is bool:
         value = raw.strip().lower()
         if value not in _TRUE | _FALSE:
@@ -48,53 +53,77 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(
         prog="oai-audio-server",
         description="OpenAI-compatible server for Qwen-Audio-Chat: chat completions with "
-        "audio input (JSON and streaming), models and health endpoints.",
+        "audio input (JSON and streaming), transcriptions, models and health endpoints.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
         help="load a checkpoint and serve it",
-        description="Load MODEL and serve it. Every option can also be set with the "
-        "environment variable shown in brackets; a flag wins over the variable.",
+        description="Load MODEL (default: the Qwen-Audio-Chat model from the hub) and serve "
+        "it. Every option can also be set with the environment variable shown in brackets; "
+        "a flag wins over the variable. Sizes take KiB, MiB or GiB (48MiB).",
     )
+    groups = {name: serve.add_argument_group(title) for name, title in GROUPS.items()}
     for field in setting_fields():
-        kind = _base_type(hints[field.name])
-        env = env_name(field.name)
-        help_text = f"{field.metadata['help']} [{env}]"
-        if field.name == "model":
-            serve.add_argument(
-                "model",
-                nargs="?" if env in environ else None,
-                default=environ.get(env),
-                help=f"{help_text}",
-            )
-            continue
-        default = field.default
-        if env in environ:
-            default = _convert(kind, environ[env], env)
-        flag = "--" + field.name.replace("_", "-")
-        if kind is bool:
-            serve.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif kind is tuple:
-            serve.add_argument(
-                flag,
-                type=_comma_list,
-                default=default,
-                metavar="A,B",
-                help=help_text,
-            )
-        else:
-            serve.add_argument(
-                flag,
-                type=kind,
-                default=default,
-                choices=field.metadata.get("choices"),
-                help=help_text + (f" (default: {default})" if default not in (None, ()) else ""),
-            )
+        _add_setting(groups[field.metadata["group"]], field, hints[field.name], environ)
     return parser
+
+
+def _add_setting(
+    group: argparse._ArgumentGroup,
+    field: dataclasses.Field[Any],
+    hint: Any,
+    environ: Mapping[str, str],
+) -> None:
+    kind = _base_type(hint)
+    unit = field.metadata["unit"]
+    env = env_name(field.name)
+    default = field.default
+    if env in environ:
+        default = _convert(kind, environ[env], env, unit)
+    shown = f" (default: {format_value(default, unit)})" if default not in (None, ()) else ""
+    help_text = f"{field.metadata['help']}{shown} [{env}]"
+    if field.name == "model":
+        group.add_argument("model", nargs="?", default=default, help=help_text)
+    elif kind is bool:
+        group.add_argument(
+            _flag(field.name), action=argparse.BooleanOptionalAction, default=default,
+            help=f"{field.metadata['help']} (default: {format_value(default, unit)}) [{env}]",
+        )
+    elif kind is tuple:
+        group.add_argument(
+            _flag(field.name), type=_comma_list, default=default, metavar="A,B", help=help_text
+        )
+    else:
+        group.add_argument(
+            _flag(field.name),
+            type=_parser_for(kind, unit),
+            default=default,
+            choices=field.metadata.get("choices"),
+            metavar=field.metadata.get("metavar") or _METAVARS.get(unit or kind.__name__),
+            help=help_text,
+        )
+
+
+_METAVARS = {"bytes": "SIZE", "s": "SECONDS", "ms": "MS", "int": "N"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser_for(kind: Any, unit: str) -> Callable[[str], Any]:
+    if unit == "bytes":
+        return _size
+    return cast(Callable[[str], Any], kind)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def settings_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -135,7 +164,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     settings = settings_from_args(sys.argv[1:] if argv is None else argv)
     configure_logging(json_lines=settings.log_json)
+    try:
+        settings = with_local_model(settings)
+    except (HubError, FileNotFoundError) as error:
+        sys.exit(f"oai-audio-server: error: {error}")
     serve(settings)
+
+
+def with_local_model(settings: Settings) -> Settings:
+    """Download a hub id before the server starts (so a failure is one line and exit
+    status 1); clients keep sending the id as the model name."""
+    if Path(settings.model).expanduser().is_dir():
+        return settings
+    model_dir = resolve(settings.model, settings.hub, settings.download_dir)
+    return settings.replace(
+        model=str(model_dir), served_model_name=settings.served_model_name or settings.model
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Server settings: one frozen object, filled from CLI flags and ``OAS_*`` variables.
 
-Every field declares its flag help here, so ``--help``, the environment variables and
-the README's settings table all come from one place.
+Every field declares its flag help, its ``--help`` group and the unit of its value here,
+so ``--help``, the environment variables and the README's settings table all come from
+one place.
 """
 
 from __future__ import annotations
@@ -12,111 +13,182 @@ from typing import Any
 
 ENV_PREFIX = "OAS_"
 MIB = 1024 * 1024
+DEFAULT_MODEL = "Qwen/Qwen-Audio-Chat"
+HUBS = ("auto", "huggingface", "modelscope")
+
+# --help groups, in the order they are shown.
+GROUPS = {
+    "model": "model: what to serve and where it comes from",
+    "server": "server: where it listens and how it logs",
+    "limits": "limits: what one request may ask for",
+    "engine": "engine: device, batching and streaming",
+    "security": "security: API key, browsers and media the server may fetch",
+}
 
 
-def _setting(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _setting(default: Any, help: str, group: str, unit: str = "", **extra: Any) -> Any:
+    """``unit`` is ``bytes``, ``s`` or ``ms``: --help shows the default readably."""
+    return field(default=default, metadata={"help": help, "group": group, "unit": unit, **extra})
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = _setting("", "Checkpoint directory or ModelScope id (e.g. qwen/Qwen-Audio-Chat).")
+    # model
+    model: str = _setting(
+        DEFAULT_MODEL,
+        "Checkpoint directory, or a model id on the hub (Qwen/Qwen-Audio-Chat, "
+        "Qwen/Qwen2-Audio-7B-Instruct, ...).",
+        "model",
+    )
+    hub: str = _setting(
+        "auto",
+        "Where a model id is downloaded from: huggingface, modelscope, or auto "
+        "(Hugging Face, except ids owned by lowercase 'qwen/' or when Hugging Face cannot "
+        "be reached and ModelScope can).",
+        "model",
+        choices=HUBS,
+    )
     served_model_name: str | None = _setting(
         None,
         "Model name clients send and /v1/models lists (default: MODEL as given); "
         "comma-separate several to accept aliases.",
+        "model",
+        metavar="NAMES",
     )
-    host: str = _setting("127.0.0.1", "Address to listen on.")
-    port: int = _setting(8000, "Port to listen on.")
-    device: str = _setting("auto", "auto, cpu, cuda or cuda:N (auto picks cuda:0 when present).")
+    download_dir: str | None = _setting(
+        None, "Where hub downloads go (default: the hub's own cache).", "model",
+        metavar="DIR",
+    )
+    # server
+    host: str = _setting("127.0.0.1", "Address to listen on.", "server", metavar="ADDRESS")
+    port: int = _setting(8000, "Port to listen on.", "server")
+    shutdown_timeout: float = _setting(
+        30.0, "Seconds in-flight requests may finish after SIGTERM.", "server", "s"
+    )
+    log_json: bool = _setting(
+        False, "Write logs as JSON lines (request lines carry their fields as keys).", "server"
+    )
+    # limits
+    max_body_bytes: int = _setting(
+        48 * MIB,
+        "Largest request body; base64 audio is 4/3 of the file size.",
+        "limits",
+        "bytes",
+    )
+    max_audio_bytes: int = _setting(25 * MIB, "Largest single audio file.", "limits", "bytes")
+    max_audio_seconds: float = _setting(
+        600.0,
+        "Most seconds of audio in one request (longer audio is split into 30 s segments).",
+        "limits",
+        "s",
+    )
+    max_audios_per_request: int = _setting(16, "Most audio items in one request.", "limits")
+    max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.", "limits")
+    request_timeout: float = _setting(
+        600.0, "Seconds a request may wait and run in all.", "limits", "s"
+    )
+    media_fetch_timeout: float = _setting(
+        10.0, "Seconds allowed to fetch one remote audio.", "limits", "s"
+    )
+    # engine
+    device: str = _setting(
+        "auto", "auto, cpu, cuda or cuda:N (auto picks cuda:0 when present).", "engine",
+        metavar="DEVICE",
+    )
     dtype: str = _setting(
         "auto",
         "auto, bfloat16, float16 or float32 (auto: bfloat16 on GPUs that support it, "
         "else float16 on GPU, float32 on CPU).",
+        "engine",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
     cpu_threads: int = _setting(
         0,
         "Threads PyTorch may use on a CPU device; 0 = one fewer than the cores (at least 1), "
         "so the HTTP side keeps a core and compute threads do not spin against it.",
+        "engine",
     )
-    download_dir: str | None = _setting(
-        None, "Where ModelScope downloads go (default: ModelScope's own cache)."
-    )
-    max_body_bytes: int = _setting(
-        48 * MIB, "Largest request body in bytes; base64 audio is 4/3 of the file size."
-    )
-    max_audio_bytes: int = _setting(25 * MIB, "Largest single audio file, in bytes.")
-    max_audio_seconds: float = _setting(
-        600.0, "Most seconds of audio in one request (longer audio is split into 30 s segments)."
-    )
-    max_audios_per_request: int = _setting(16, "Most audio items in one request.")
-    allowed_media_domains: tuple[str, ...] = _setting(
-        (), "Hosts that audio_url may fetch over http(s); comma-separated. Default: none."
-    )
-    allowed_local_media_path: str | None = _setting(
-        None, "Directory that file:// audio URLs and /test-audio/ may read. Default: none."
-    )
-    media_fetch_timeout: float = _setting(10.0, "Seconds allowed to fetch one remote audio.")
-    audio_cache_mb: int = _setting(256, "Memory for decoded audio features, in MiB (0 = off).")
     max_batch_size: int = _setting(
         0,
         "Most sequences decoded together in one forward pass; 0 = auto: as many as the KV "
         "cache holds on a GPU (capped by the CUDA graph sizes), 8 on a CPU.",
+        "engine",
     )
     max_model_len: int = _setting(
         0,
         "Longest prompt + answer in tokens, the length of one KV-cache slot; 0 = the "
         "checkpoint's max_position_embeddings. Shorter slots fit more sequences.",
+        "engine",
     )
     kv_cache_memory_mb: int = _setting(
         0,
         "Memory for the KV cache in MiB; 0 = auto: --gpu-memory-fraction of the GPU minus "
         "what the weights use, or on a CPU room for --max-batch-size sequences.",
+        "engine",
     )
     gpu_memory_fraction: float = _setting(
-        0.9, "Share of the GPU's memory the server may use in all (auto KV-cache size)."
+        0.9, "Share of the GPU's memory the server may use in all (auto KV-cache size).",
+        "engine",
     )
     cuda_graphs: bool = _setting(
         True,
         "Replay decode steps from CUDA graphs captured at start (GPU only); "
         "--no-cuda-graphs runs every step eagerly.",
+        "engine",
     )
     max_prefill_tokens: int = _setting(
         8192,
         "Most prompt tokens started in one prefill pass (running rows wait for it); a "
         "longer single prompt still starts alone.",
+        "engine",
     )
-    max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.")
+    max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.", "engine")
     engine_process: bool = _setting(
         True,
         "Run the model in a process of its own, so its Python never shares the GIL with "
         "HTTP work; --no-engine-process runs it in a thread of the server process.",
+        "engine",
     )
     join_wait_steps: int = _setting(
         2,
         "While a batch runs with room to spare, a new request waits up to this many decode "
         "steps so that requests arriving close together join in one prefill (each join "
         "pauses every running row for one forward pass); 0 joins at once.",
+        "engine",
     )
-    request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
     stream_interval_ms: float = _setting(
         20.0,
         "A stream gets the text of up to this many ms in one chunk (the first text goes "
         "out at once); 0 sends every token as it is made.",
+        "engine",
+        "ms",
     )
-    max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.")
+    audio_cache_mb: int = _setting(
+        256, "Memory for decoded audio features, in MiB (0 = off).", "engine"
+    )
+    # security
     api_key: str | None = _setting(
         None,
         "If set, every endpoint but /health, /live, /docs and /openapi.json needs "
         "'Authorization: Bearer KEY'.",
+        "security",
+        metavar="KEY",
     )
     allowed_origins: tuple[str, ...] = _setting(
-        (), "CORS origins allowed to call the API; comma-separated, * for any. Default: none."
+        (),
+        "CORS origins allowed to call the API; comma-separated, * for any. Default: none.",
+        "security",
     )
-    shutdown_timeout: float = _setting(30.0, "Seconds in-flight requests may finish after SIGTERM.")
-    log_json: bool = _setting(
-        False, "Write logs as JSON lines (request lines carry their fields as keys)."
+    allowed_media_domains: tuple[str, ...] = _setting(
+        (),
+        "Hosts that audio_url may fetch over http(s); comma-separated. Default: none.",
+        "security",
+    )
+    allowed_local_media_path: str | None = _setting(
+        None,
+        "Directory that file:// audio URLs and /test-audio/ may read. Default: none.",
+        "security",
+        metavar="DIR",
     )
 
     @property

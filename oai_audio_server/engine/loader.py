@@ -31,17 +31,11 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_model_dir(model: str, download_dir: str | None = None) -> Path:
-    """A local directory as is; anything else is a ModelScope id to download."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model directory {model!r} does not exist")
-    from modelscope import snapshot_download  # heavy import, only when downloading
+def resolve_model_dir(model: str, download_dir: str | None = None, hub: str = "auto") -> Path:
+    """A local directory as is; anything else is a model id to download (``hub.py``)."""
+    from oai_audio_server.hub import resolve
 
-    logger.info("downloading %s from ModelScope (about 20 GB for Qwen-Audio-Chat)", model)
-    return Path(snapshot_download(model, cache_dir=download_dir))
+    return resolve(model, hub, download_dir)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -171,7 +165,7 @@ def _read_generation_config(model_dir: Path) -> dict[str, Any]:
 
 
 def load_bundle(settings: Settings) -> ModelBundle:
-    model_dir = resolve_model_dir(settings.model, settings.download_dir)
+    model_dir = resolve_model_dir(settings.model, settings.download_dir, settings.hub)
     config = QwenAudioConfig.from_dict(read_config(model_dir))
     tokenizer = QwenAudioTokenizer.from_dir(model_dir)
     device = pick_device(settings.device)

@@ -155,9 +155,13 @@ def log_request(record: RequestRecord) -> None:
         [f"{record.request_id} {record.method} {record.path} {record.status}"]
         + [f"{key}={value}" for key, value in fields.items() if key not in _IN_PREFIX]
     )
-    request_logger.info(text, extra={"request": fields})
+    level = logging.DEBUG if record.path in PROBE_PATHS else logging.INFO
+    request_logger.log(level, text, extra={"request": fields})
 
 
+# Load balancers, uptime checkers and Prometheus call these every few seconds: at INFO
+# they would bury the requests that matter.
+PROBE_PATHS = frozenset({"/health", "/live", "/metrics"})
 _IN_PREFIX = frozenset({"request_id", "method", "path", "status"})
 
 

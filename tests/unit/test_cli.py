@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,41 @@ def test_module_entry_point_prints_help() -> None:
     out = subprocess.run([sys.executable, "-m", "oai_audio_server", "serve", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "OAS_MAX_AUDIO_SECONDS" in out.stdout
+
+
+SNAPSHOT = Path(__file__).resolve().parents[1] / "snapshots" / "serve_help.txt"
+
+
+def serve_help() -> str:
+    out = subprocess.run([sys.executable, "-m", "oai_audio_server", "serve", "--help"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "100"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_help_matches_the_snapshot() -> None:
+    """Regenerate after a deliberate change:
+    COLUMNS=100 python3 -m oai_audio_server serve --help > tests/snapshots/serve_help.txt"""
+    text = serve_help()
+    assert text == SNAPSHOT.read_text()
+    for group in ("model:", "server:", "limits:", "engine:", "security:"):
+        assert f"\n{group}" in text
+    words = " ".join(text.split())
+    assert "(default: 48 MiB)" in words and "(default: 600 s = 10 min)" in words
+    assert "50331648" not in words
+
+
+def test_model_defaults_to_qwen_audio_chat_and_sizes_take_units() -> None:
+    settings = settings_from_args(["serve", "--max-body-bytes", "16MiB"], environ={})
+    assert settings.model == "Qwen/Qwen-Audio-Chat" and settings.hub == "auto"
+    assert settings.max_body_bytes == 16 * 1024 * 1024
+    env = {"OAS_MAX_AUDIO_BYTES": "512KiB", "OAS_HUB": "modelscope"}
+    settings = settings_from_args(["serve"], environ=env)
+    assert settings.max_audio_bytes == 512 * 1024 and settings.hub == "modelscope"
+    assert settings_from_args(["serve", "--max-audio-bytes", "1000"], environ={}
+                              ).max_audio_bytes == 1000
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--max-audio-bytes", "lots"], environ={})
+    with pytest.raises(SystemExit):
+        settings_from_args(["serve", "--hub", "github"], environ={})

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
+import oai_audio_server.hub
 from oai_audio_server.engine.loader import pick_device, pick_dtype, resolve_model_dir
 
 
@@ -15,19 +13,18 @@ def test_local_directory_is_used_as_is(tmp_path: Path) -> None:
     assert resolve_model_dir(str(tmp_path)) == tmp_path
 
 
-def test_model_id_is_downloaded_from_modelscope(
+def test_model_id_goes_to_the_hub_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[tuple[str, Any]] = []
+    calls: list[tuple[str, str, str | None]] = []
 
-    def snapshot_download(model_id: str, cache_dir: str | None = None) -> str:
-        calls.append((model_id, cache_dir))
-        return str(tmp_path)
+    def resolve(model: str, hub: str, download_dir: str | None) -> Path:
+        calls.append((model, hub, download_dir))
+        return tmp_path
 
-    monkeypatch.setitem(sys.modules, "modelscope",
-                        types.SimpleNamespace(snapshot_download=snapshot_download))
-    assert resolve_model_dir("qwen/Qwen-Audio-Chat", "/models") == tmp_path
-    assert calls == [("qwen/Qwen-Audio-Chat", "/models")]
+    monkeypatch.setattr(oai_audio_server.hub, "resolve", resolve)
+    assert resolve_model_dir("Qwen/Qwen-Audio-Chat", "/models", "modelscope") == tmp_path
+    assert calls == [("Qwen/Qwen-Audio-Chat", "modelscope", "/models")]
 
 
 def test_device_and_dtype_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
