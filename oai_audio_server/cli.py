@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from oai_audio_server import __version__
+from oai_audio_server.serve_ray import command as serve_ray_command
 from oai_audio_server.settings import Settings, env_name, setting_fields
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -94,6 +95,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                 choices=field.metadata.get("choices"),
                 help=help_text + (f" (default: {default})" if default not in (None, ()) else ""),
             )
+    serve_ray_command.add_parser(commands, serve)
     return parser
 
 
@@ -133,7 +135,11 @@ def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     from oai_audio_server.http.request_log import configure_logging
 
-    settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == serve_ray_command.COMMAND:
+        serve_ray_command.main(argv)
+        return
+    settings = settings_from_args(argv)
     configure_logging(json_lines=settings.log_json)
     serve(settings)
 
