@@ -40,7 +40,7 @@ LONG_PROMPT = "Hello"  # a long greedy answer from the tiny model
 READY_TIMEOUT_SECONDS = 420.0
 DEPLOY_TIMEOUT_SECONDS = 180.0
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @dataclass
