@@ -228,6 +228,7 @@ class StreamResult:
     chunks: int = 0
     done: bool = False
     error: str = ""
+    error_event: str = ""  # the server's own error, sent in the stream
     started: threading.Event = field(default_factory=threading.Event)
 
 
@@ -245,27 +246,39 @@ def stream_long(app: App, result: StreamResult) -> None:
                     result.chunks += 1
                     result.started.set()
                     result.done = line == "data: [DONE]"
+                    if '"error"' in line:
+                        result.error_event = line
     except httpx.HTTPError as exc:
         result.error = repr(exc)
     finally:
         result.started.set()
 
 
-def test_a_killed_replica_fails_its_requests_only_and_is_replaced(two_replicas: App) -> None:
-    app = two_replicas
+def streams_in_flight(app: App) -> tuple[list[StreamResult], list[threading.Thread]]:
+    """Eight long streams, over both replicas, each past its first chunk."""
     results = [StreamResult() for _ in range(8)]
     threads = [threading.Thread(target=stream_long, args=(app, r)) for r in results]
     for thread in threads:
         thread.start()
     for result in results:
         assert result.started.wait(180), "a stream did not start"
+    return results, threads
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(300)
+    assert all(not t.is_alive() for t in threads)
+
+
+def test_a_killed_replica_fails_its_requests_only_and_is_replaced(two_replicas: App) -> None:
+    app = two_replicas
+    results, threads = streams_in_flight(app)
     replicas = app.cluster.replica_processes()
     assert len(replicas) == 2
     victim = replicas[0]
     os.kill(victim.pid, signal.SIGKILL)
-    for thread in threads:
-        thread.join(300)
-    assert all(not t.is_alive() for t in threads)
+    join_all(threads)
 
     failed = [r for r in results if not r.done]
     finished = [r for r in results if r.done]
@@ -280,5 +293,35 @@ def test_a_killed_replica_fails_its_requests_only_and_is_replaced(two_replicas: 
 
     app.wait_replicas(2)  # Serve started another replica
     assert victim.pid not in {p.pid for p in app.cluster.replica_processes()}
+    tags = {chat(app).headers.get(REPLICA_HEADER) for _ in range(12)}
+    assert tags and not tags & dead
+
+
+def test_an_engine_crash_fails_its_requests_and_serve_replaces_the_replica(
+    two_replicas: App,
+) -> None:
+    app = two_replicas
+    results, threads = streams_in_flight(app)
+    replica = app.cluster.replica_processes()[0]
+    engines = [p for p in replica.children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(engines) == 1, engines
+    engines[0].kill()
+    join_all(threads)
+
+    failed = [r for r in results if r.error_event]
+    assert failed, "no request was on the crashed engine"
+    # The server's own error, as a final event of the stream, then [DONE].
+    assert all("engine" in r.error_event and r.done for r in failed)
+    dead = {r.replica for r in failed}
+    assert len(dead) == 1, dead
+    others = [r for r in results if r.replica not in dead]
+    assert others and all(r.done and not r.error and not r.error_event for r in others)
+
+    # The health check fails, Serve stops the replica and starts another.
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while replica.is_running() and replica.status() != "zombie":
+        assert time.monotonic() < deadline, "Serve kept the replica with a dead engine"
+        time.sleep(1)
+    app.wait_replicas(2)
     tags = {chat(app).headers.get(REPLICA_HEADER) for _ in range(12)}
     assert tags and not tags & dead
