@@ -95,7 +95,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                 choices=field.metadata.get("choices"),
                 help=help_text + (f" (default: {default})" if default not in (None, ()) else ""),
             )
-    serve_ray_command.add_parser(commands, serve)
+    serve_ray_command.add_parser(commands, serve, environ)
     return parser
 
 

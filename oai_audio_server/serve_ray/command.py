@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +44,11 @@ _REPLICA_FLAGS: list[tuple[str, type, str]] = [
 ]
 
 
-def add_parser(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
+def add_parser(
+    commands: Any, serve_parser: argparse.ArgumentParser, environ: Mapping[str, str]
+) -> None:
     """The subcommand: every option of ``serve`` (copied from its parser) plus the
-    replica and Ray options."""
+    replica and Ray options; ``environ`` gives the OAS_* and RAY_ADDRESS defaults."""
     parser = commands.add_parser(
         COMMAND,
         parents=[serve_parser],
@@ -62,8 +63,8 @@ def add_parser(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
     for name, kind, help_text in _REPLICA_FLAGS:
         default = getattr(defaults, name)
         env = env_name(name)
-        if env in os.environ:
-            default = kind(os.environ[env])
+        if env in environ:
+            default = kind(environ[env])
         shown = "" if default is None else f" (default: {default})"
         group.add_argument(
             "--" + name.replace("_", "-"), type=kind, default=default,
@@ -71,7 +72,7 @@ def add_parser(commands: Any, serve_parser: argparse.ArgumentParser) -> None:
         )
     ray = parser.add_argument_group("Ray")
     ray.add_argument(
-        "--ray-address", default=os.environ.get("RAY_ADDRESS"),
+        "--ray-address", default=environ.get("RAY_ADDRESS"),
         help="Ray cluster to deploy to (e.g. 127.0.0.1:6379 or auto); default: a running "
         "local one, else a new one in this process [RAY_ADDRESS]",
     )
