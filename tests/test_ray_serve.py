@@ -87,8 +87,8 @@ def app(cluster: RayCluster, tiny_checkpoint: Path) -> App:
 
 @pytest.fixture(scope="module")
 def two_replicas(app: App) -> App:
-    """The fixed-size form of the same command; after the autoscaling test there are two
-    replicas already, so this changes nothing but the config (replicas keep running)."""
+    """The fixed-size form of the same command (after the autoscaling test, or on its
+    own when only later tests run)."""
     app.serve_ray("--replicas", "2")
     app.wait_replicas(2)
     return app
