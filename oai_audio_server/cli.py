@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from oai_audio_server import __version__
 from oai_audio_server.hub import HubError, resolve
+from oai_audio_server.serve_ray import command as serve_ray_command
 from oai_audio_server.settings import GROUPS, Settings, env_name, setting_fields
 from oai_audio_server.units import format_value, parse_bytes
 
@@ -67,6 +68,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     groups = {name: serve.add_argument_group(title) for name, title in GROUPS.items()}
     for field in setting_fields():
         _add_setting(groups[field.metadata["group"]], field, hints[field.name], environ)
+    serve_ray_command.add_parser(commands, serve, environ)
     return parser
 
 
@@ -162,7 +164,11 @@ def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     from oai_audio_server.http.request_log import configure_logging
 
-    settings = settings_from_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == serve_ray_command.COMMAND:
+        serve_ray_command.main(argv)
+        return
+    settings = settings_from_args(argv)
     configure_logging(json_lines=settings.log_json)
     try:
         settings = with_local_model(settings)
