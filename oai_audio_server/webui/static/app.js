@@ -632,7 +632,7 @@ function showTranscription(body, format, task, mediaType) {
   table.hidden = rows.length === 0;
   $("t-raw").textContent = body;
   $("t-result-title").textContent =
-    `${task === "translations" ? "Translation" : "Transcription"} (${format}, ${segments.length} segments)`;
+    `${task === "translations" ? "Translation" : "Transcription"} (${format}, ${segments.length} segment${segments.length === 1 ? "" : "s"})`;
 
   const extension = { verbose_json: "json", json: "json", text: "txt" }[format] || format;
   const base = (transcription.audio.name || "audio").replace(/\.[^.]*$/, "");
