@@ -133,7 +133,8 @@ def browser(
     ):
         options.add_argument(flag)
     options.add_experimental_option(
-        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
     )
     # An explicit driver path: Selenium Manager would otherwise look online for one.
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
