@@ -11,10 +11,13 @@ With ``OAS_UPDATE_SCREENSHOTS=1`` the tests also write the screenshots in docs/i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +25,8 @@ import httpx
 import pytest
 from media import tone, wav_bytes
 from server_process import ServerProcess, running_server
+
+from oai_audio_server.webui import load_static_files
 
 API_KEY = "browser-test-key"
 MAX_BODY_BYTES = 1_000_000  # a 40 s WAV upload is over it: the 413 test
@@ -377,3 +382,45 @@ def test_errors_show_in_place(ui_server: ServerProcess, browser: Any, media_dir:
         "the 400 message",
     )
     assert "audio" in text.lower(), text
+
+
+class LoadingServer(BaseHTTPRequestHandler):
+    """The page's files, and a /health that says the model is loading (as the real one
+    does for the first seconds or minutes): the loading state without waiting for it."""
+
+    files = load_static_files()
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        name = self.path.split("?", 1)[0].removeprefix("/ui/") or "index.html"
+        if self.path.startswith("/ui/") and name in self.files:
+            kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
+            self.reply(200, self.files[name], kind[name.rsplit(".", 1)[-1]])
+        else:
+            message = "the model is loading" if self.path == "/health" else "not here"
+            body = {"error": {"message": message, "type": "service_unavailable",
+                              "param": None, "code": "model_not_ready"}}
+            self.reply(503, json.dumps(body).encode(), "application/json")
+
+    def reply(self, status: int, body: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_page_says_when_the_model_is_loading(browser: Any) -> None:
+    stand_in = ThreadingHTTPServer(("127.0.0.1", 0), LoadingServer)
+    thread = threading.Thread(target=stand_in.serve_forever, daemon=True)
+    thread.start()
+    try:
+        browser.get(f"http://127.0.0.1:{stand_in.server_address[1]}/ui/")
+        wait_for(lambda: element(browser, "health").text == "model loading…", "the badge")
+        assert not element(browser, "send").is_enabled()
+    finally:
+        stand_in.shutdown()
+        stand_in.server_close()
+        thread.join(5)

@@ -129,9 +129,11 @@ async function checkHealth() {
     } else {
       const error = await errorFrom(response);
       state.ready = false;
-      badge.textContent = response.status === 503 ? "model loading…" : `health: ${response.status}`;
+      const failed = /failed to load/.test(error.message);
+      badge.textContent = response.status !== 503 ? `health: ${response.status}`
+        : failed ? "model failed to load" : "model loading…";
       badge.title = error.message;
-      badge.dataset.state = "loading";
+      badge.dataset.state = failed ? "down" : "loading";
     }
   } catch {
     state.ready = false;
