@@ -1,11 +1,16 @@
-"""The web page's files, checked without a browser: shipped in the package, no outside
-references, and every element the script looks up exists in the page."""
+"""The web page, checked without a browser: its files ship in the package, refer to nothing
+outside it, every element the script looks up exists, and only its routes skip the key."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from types import SimpleNamespace
+from typing import Any
 
-from oai_audio_server.webui import load_static_files
+import pytest
+
+from oai_audio_server.webui import build_web_ui_routes, exempt_web_ui, load_static_files
 
 
 def test_the_page_files_ship_in_the_package() -> None:
@@ -38,3 +43,17 @@ def test_the_key_never_goes_in_a_url() -> None:
     script = load_static_files()["app.js"].decode()
     assert "Authorization: `Bearer ${key}`" in script
     assert not re.search(r"[?&](api_)?key=", script)
+
+
+def test_only_the_page_is_exempt_from_the_api_key() -> None:
+    class Refused(Exception):
+        pass
+
+    def guard(connection: Any, handler: Any) -> None:
+        raise Refused
+
+    guarded = exempt_web_ui(guard)
+    for handler in build_web_ui_routes():  # the page's own routes pass without a key
+        asyncio.run(guarded(None, handler))  # type: ignore[arg-type]
+    with pytest.raises(Refused):  # any other route still goes through the guard
+        asyncio.run(guarded(None, SimpleNamespace(opt={})))  # type: ignore[arg-type]
