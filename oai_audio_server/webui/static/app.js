@@ -300,6 +300,7 @@ const chat = {
   history: [],       // OpenAI messages of earlier turns, audio included (base64)
   attachments: [],   // {blob, name} waiting in the composer
   controller: null,  // AbortController of the reply being streamed
+  epoch: 0,          // bumped by Clear: a reply of a cleared conversation is dropped
 };
 
 function updateButtons() {
@@ -393,6 +394,10 @@ async function sendTurn() {
   const text = $("prompt").value.trim();
   const attachments = chat.attachments;
   if (!text && attachments.length === 0) return;
+  const controller = new AbortController();
+  const epoch = chat.epoch;
+  chat.controller = controller;  // from here on Send is disabled: no double sends
+  updateButtons();
 
   // The user's turn in OpenAI's shape: audio parts first, then the question.
   let content;
@@ -409,7 +414,14 @@ async function sendTurn() {
       if (text) content.push({ type: "text", text });
     }
   } catch (error) {
+    chat.controller = null;
+    updateButtons();
     showError(errorBox, new Error(`could not read the audio: ${error.message || error}`));
+    return;
+  }
+  if (epoch !== chat.epoch) {  // cleared while the audio was being read
+    chat.controller = null;
+    updateButtons();
     return;
   }
   const userMessage = { role: "user", content };
@@ -437,9 +449,6 @@ async function sendTurn() {
   reply.append(replyText);
   scrollToEnd();
 
-  const controller = new AbortController();
-  chat.controller = controller;
-  updateButtons();
   let answer = "";
   let note = "";
   try {
@@ -494,6 +503,7 @@ async function sendTurn() {
   }
   chat.controller = null;
   updateButtons();
+  if (epoch !== chat.epoch) return;  // cleared while streaming
   chat.history.push(userMessage, { role: "assistant", content: answer });
   finishReply(reply, answer, note);
 }
@@ -518,6 +528,7 @@ function finishReply(reply, answer, note) {
 }
 
 function clearConversation() {
+  chat.epoch += 1;
   if (chat.controller) chat.controller.abort();
   chat.history = [];
   chat.attachments = [];
@@ -694,7 +705,7 @@ function init() {
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
-      sendTurn();
+      if (!$("send").disabled) sendTurn();
     }
   });
   $("stop").addEventListener("click", () => chat.controller && chat.controller.abort());
@@ -718,6 +729,7 @@ function init() {
   $("t-file").addEventListener("change", (event) => {
     const file = event.target.files[0];
     if (file) setTranscriptionAudio(file, file.name);
+    event.target.value = "";  // choosing the same file again still counts
   });
   enableDrop($("transcribe-form"), (files) => {
     if (files[0]) setTranscriptionAudio(files[0], files[0].name);
