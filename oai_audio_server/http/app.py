@@ -18,6 +18,7 @@ from oai_audio_server.http.routes import build_routes
 from oai_audio_server.http.transcription_routes import build_transcription_routes
 from oai_audio_server.http.tutorial_routes import build_tutorial_routes
 from oai_audio_server.runtime import Runtime
+from oai_audio_server.webui import build_web_ui_routes, exempt_web_ui
 
 
 def create_app(runtime: Runtime) -> Litestar:
@@ -37,11 +38,12 @@ def create_app(runtime: Runtime) -> Litestar:
         + build_tutorial_routes(runtime)
         + build_metrics_routes(metrics)
         + build_docs_routes()
-        + build_transcription_routes(runtime),
+        + build_transcription_routes(runtime)
+        + build_web_ui_routes(),
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=runtime.settings.max_body_bytes,
-        guards=[api_key_guard(settings.api_key)] if settings.api_key else [],
+        guards=[exempt_web_ui(api_key_guard(settings.api_key))] if settings.api_key else [],
         cors_config=cors,
         openapi_config=openapi_config(settings),
         logging_config=None,  # the CLI configures logging (text or JSON lines)
