@@ -39,7 +39,9 @@ def default_max_ongoing(settings: Settings, options: ReplicaOptions) -> int:
 def deployment_config(settings: Settings, options: ReplicaOptions) -> dict[str, Any]:
     config: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
-        "max_ongoing_requests": options.max_ongoing_requests or default_max_ongoing(settings, options),
+        "max_ongoing_requests": (
+            options.max_ongoing_requests or default_max_ongoing(settings, options)
+        ),
         "max_queued_requests": (
             options.max_queued_requests
             if options.max_queued_requests is not None
