@@ -266,7 +266,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--audio-seconds", type=float, default=6.0)
     parser.add_argument("--max-model-len", type=int, default=1024,
-                        help="KV-cache slot length for the server (prompt + answer)")
+                        help="KV-cache slot length for the server (prompt + answer); "
+                        "0 leaves the server's default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="CPU intra-op threads for the server (--cpu-threads)")
@@ -298,8 +299,10 @@ def main() -> None:
     floors = {c: floor_step_ms(config, c, kv_len, device, dtype) for c in levels}
 
     flags = ["--served-model-name", MODEL, "--device", args.device,
-             "--cpu-threads", str(threads), "--max-model-len", str(args.max_model_len),
+             "--cpu-threads", str(threads),
              "--max-batch-size", str(max(levels)), "--max-queue", str(4 * max(levels))]
+    if args.max_model_len > 0:
+        flags += ["--max-model-len", str(args.max_model_len)]
     audio = make_audio(args.audio_seconds)
     with running_server(model_dir, work, *flags) as server:
         prompts = pick_prompts(server, args.max_tokens, wanted=8, audio=audio)

@@ -258,3 +258,24 @@ def test_a_checkpoint_of_another_model_gets_a_clear_error(tmp_path: Path, tiny_c
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match="transformer.h.1.mlp.w2.weight"):
         load_bundle(Settings(model=str(broken), device="cpu"))
+
+
+def test_padding_rows_of_a_captured_batch_size_do_not_change_the_real_rows(bundle):
+    """A CUDA graph runs a batch in the next captured size: rows past the batch read
+    free slots. Their presence must not change the real rows' logits (checked eagerly;
+    the graph replays the same computation)."""
+    from oai_audio_server.engine.runner import bucket_for, kv_buckets
+
+    assert kv_buckets(1000) == [256, 512, 1000] and kv_buckets(256) == [256]
+    assert bucket_for(257, kv_buckets(1000)) == 512 and bucket_for(3, [1, 2, 4]) == 4
+    cache = cache_for(bundle, slots=4)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    with torch.inference_mode():
+        _, state = bundle.model.prefill(prompts, [[], []], [0, 1], cache)
+        tokens, positions = torch.tensor([20, 21]), torch.tensor([5, 3])
+        alone = bundle.model.decode(tokens, positions, state, cache, 256)
+        padded = bundle.model.decode(torch.tensor([20, 21, 0, 0]),
+                                     torch.tensor([5, 3, 0, 0]),
+                                     torch.cat([state, torch.zeros(2, dtype=torch.long)]),
+                                     cache, 512)
+    assert torch.allclose(alone, padded[:2], atol=1e-5, rtol=0)

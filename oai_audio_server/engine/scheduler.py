@@ -281,7 +281,8 @@ class BatchingEngine:
     def _run(self) -> None:
         try:
             bundle = self._load()
-            runner = self._make_runner(bundle)
+            with torch.inference_mode():  # the cache and the captured graphs
+                runner = self._make_runner(bundle)
         except BaseException as exc:  # reported by /health; the thread ends
             logger.exception("model load failed")
             self._load_error = exc

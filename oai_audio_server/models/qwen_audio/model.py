@@ -63,7 +63,8 @@ class QwenAudioModel(nn.Module):
             model.transformer.audio.positional_embedding = sinusoids(
                 config.audio.n_ctx, config.audio.n_state
             ).to(device=device, dtype=dtype)
-        return model.eval()
+        # Inference only: no autograd state on the weights (nor in captured graphs).
+        return model.requires_grad_(False).eval()
 
     @property
     def kv_layout(self) -> KVLayout:
