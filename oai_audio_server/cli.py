@@ -108,22 +108,28 @@ def serve(settings: Settings) -> None:
 
     from oai_audio_server.http.app import create_app
     from oai_audio_server.runtime import create_runtime
+    from oai_audio_server.serving import GracefulServer, graceful_timeout
 
     # uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, so that the
     # previous handler runs; make that handler a clean exit (status 0), which also covers
     # a signal that arrives before uvicorn has installed its own handlers.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    app = create_app(create_runtime(settings))
-    uvicorn.run(
-        app,
+    runtime = create_runtime(settings)
+    config = uvicorn.Config(
+        create_app(runtime),
         host=settings.host,
         port=settings.port,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # A backstop only: the drain ends every reply at --shutdown-timeout.
+        timeout_graceful_shutdown=graceful_timeout(settings.shutdown_timeout),
         log_level="info",
         log_config=None,  # keep our handlers (text or JSON lines) for uvicorn's loggers
         access_log=False,  # the request log writes one richer line per request
     )
+    server = GracefulServer(config, runtime, settings.shutdown_timeout)
+    server.run()
+    if server.exit_code:
+        sys.exit(server.exit_code)  # the engine died: let the supervisor restart us
 
 
 def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:

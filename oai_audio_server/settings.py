@@ -73,6 +73,11 @@ class Settings:
         "pauses every running row for one forward pass); 0 joins at once.",
     )
     request_timeout: float = _setting(600.0, "Seconds a request may wait and run in all.")
+    request_body_timeout: float = _setting(
+        30.0,
+        "Seconds a client may take to send a request body (from the request's start); "
+        "slower ones get 408 and their connection is closed; 0 = no limit.",
+    )
     stream_interval_ms: float = _setting(
         20.0,
         "A stream gets the text of up to this many ms in one chunk (the first text goes "
@@ -87,7 +92,11 @@ class Settings:
     allowed_origins: tuple[str, ...] = _setting(
         (), "CORS origins allowed to call the API; comma-separated, * for any. Default: none."
     )
-    shutdown_timeout: float = _setting(30.0, "Seconds in-flight requests may finish after SIGTERM.")
+    shutdown_timeout: float = _setting(
+        30.0,
+        "Seconds in-flight requests may finish after SIGTERM; then unfinished streams end "
+        "with an error event and [DONE], other requests with a 503, and the server exits.",
+    )
     log_json: bool = _setting(
         False, "Write logs as JSON lines (request lines carry their fields as keys)."
     )
