@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -127,9 +128,26 @@ def serve(settings: Settings) -> None:
         access_log=False,  # the request log writes one richer line per request
     )
     server = GracefulServer(config, runtime, settings.shutdown_timeout)
-    server.run()
-    if server.exit_code:
-        sys.exit(server.exit_code)  # the engine died: let the supervisor restart us
+    code: int | str | None = 1
+    try:
+        server.run()
+        code = server.exit_code  # 1 when the engine died: the supervisor restarts us
+    except SystemExit as stop:  # SIGTERM/SIGINT, re-raised by uvicorn once drained
+        code = stop.code
+    finally:
+        _exit_now(code)
+
+
+def _exit_now(code: int | str | None) -> None:
+    """Everything was closed above (replies, engine, pools); Python's own teardown of
+    torch and transformers would take seconds more of an orchestrator's grace period."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1 if code else 0)
 
 
 def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:
