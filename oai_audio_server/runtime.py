@@ -15,7 +15,12 @@ from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.process import EngineProcess
 from oai_audio_server.engine.scheduler import BatchingEngine
 from oai_audio_server.engine.types import Engine, GenerationHandle, GenerationRequest
-from oai_audio_server.errors import APIError, ModelLoadFailedError, ShuttingDownError
+from oai_audio_server.errors import (
+    APIError,
+    ModelLoadFailedError,
+    NotReadyError,
+    ShuttingDownError,
+)
 from oai_audio_server.lifecycle import Lifecycle, shutdown_error
 from oai_audio_server.qwen.prompt import QwenPromptBuilder, longest_token_bytes
 from oai_audio_server.settings import Settings
@@ -77,13 +82,16 @@ class Runtime:
 
     def unready(self) -> APIError | None:
         """Why the server cannot take a request now (the 503 to give), or None."""
-        if self.lifecycle.draining and self.lifecycle.fatal is None:
+        lifecycle = self.lifecycle
+        if lifecycle.draining and lifecycle.fatal is None:
             return ShuttingDownError("the server is shutting down; retry shortly")
+        if self.engine.ready and lifecycle.fatal is None and not lifecycle.cut_done:
+            return None
         try:
             _ = self.bundle
         except APIError as error:
             return error
-        return None
+        return NotReadyError("the model is loading; retry shortly")
 
     @property
     def intake(self) -> AudioIntake:
