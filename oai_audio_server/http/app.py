@@ -37,7 +37,7 @@ def create_app(runtime: Runtime) -> Litestar:
         route_handlers=build_routes(runtime)
         + build_tutorial_routes(runtime)
         + build_metrics_routes(metrics)
-        + build_docs_routes()
+        + build_docs_routes(settings)
         + build_transcription_routes(runtime),
         lifespan=[lifespan],
         exception_handlers={Exception: exception_handler(settings)},

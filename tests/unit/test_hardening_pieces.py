@@ -287,3 +287,36 @@ def test_subtitle_cues_never_have_zero_length() -> None:
     assert "00:00:05,855 --> 00:00:05,900" in text  # until the next cue starts
     assert "00:00:09,000 --> 00:00:09,200" in text
     assert "00:00:05.855 --> 00:00:05.900" in vtt(result)
+
+
+def test_the_served_schema_is_valid_openapi_3_1_and_declares_every_body() -> None:
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation.validators import OpenAPIV31SpecValidator
+
+    app, _ = app_with(FakeEngine(ready=False), served_model_name="qwen-audio-chat,whisper-1")
+    with TestClient(app) as client:
+        schema = client.get("/openapi.json").json()
+        assert client.get("/docs/openapi.json").json() == schema
+        page = client.get("/docs")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "http://" not in page.text and "https://" not in page.text  # nothing remote
+    validate(schema, cls=OpenAPIV31SpecValidator)
+    paths = schema["paths"]
+    for path, item in paths.items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            assert "default" in responses or method == "head", (path, method)
+            if method == "post":
+                assert operation["requestBody"]["required"], path
+    chat = paths["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    form = paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]
+    assert form["multipart/form-data"]["schema"]["required"] == ["file", "model"]
+    models = paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert models["schema"] == {"$ref": "#/components/schemas/ModelList"}
+    components = schema["components"]["schemas"]
+    assert components["ErrorBody"]["required"] == ["error"]
+    assert components["ChatCompletionRequest"]["properties"]["model"]["enum"] == [
+        "qwen-audio-chat", "whisper-1"]
