@@ -60,20 +60,28 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 _TEXT = {"type": "string"}
+# One server-sent event, in the form OpenAPI 3.2's itemSchema gives events (3.1 tools
+# read a text/event-stream schema as describing each event).
 _SSE = {"text/event-stream": {"schema": {
-    "type": "string", "description": "server-sent events: 'data: <JSON>' lines, ending "
-    "with 'data: [DONE]' (chat) or a done event (transcription); an error after the 200 "
-    "is one final event with OpenAI's error body",
+    "type": "object", "required": ["data"],
+    "description": "one server-sent event; chat streams end with 'data: [DONE]', "
+    "transcription streams with a transcript.text.done event; an error after the 200 is "
+    "one final event whose data is OpenAI's error body",
+    "properties": {
+        "data": {"type": "string", "description": "a JSON chunk, an error body or [DONE]"},
+        "event": {"type": "string"}, "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
 }}}
 _ERRORS = {"default": {"description": "OpenAI's error body", "content": _json(_ref("ErrorBody"))}}
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
 
 
-def _form(task: str) -> dict[str, Any]:
+def _form(task: str, names: list[str]) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "file": {"type": "string", "contentMediaType": "application/octet-stream",
                  "description": "the audio file (wav, mp3, flac, ogg, m4a, webm, ...)"},
-        "model": {"type": "string"},
+        "model": {"type": "string", "enum": names},
         "prompt": {"type": "string"},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS)},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
@@ -97,21 +105,28 @@ def _transcription_replies() -> dict[str, Any]:
 def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
     chat_body = _ref("ChatCompletionRequest")
     form = "multipart/form-data"
+    names = list(settings.served_names)
+    hello = {"model": names[0], "messages": [{"role": "user", "content": "Hello"}],
+             "max_tokens": 4}
+    chat_examples = {"json": {"value": hello},
+                     "stream": {"value": {**hello, "stream": True}}}
     return {
         ("/v1/chat/completions", "post"): {
-            "requestBody": {"required": True, "content": _json(chat_body)},
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": chat_body, "examples": chat_examples}}},
             "responses": {"200": {"description": "a completion, or its stream", "content": {
                 **_json(_ref("ChatCompletion")), **_SSE}}, **_ERRORS},
         },
         ("/v1/audio/transcriptions", "post"): {
             "requestBody": {"required": True, "content": {
-                form: {"schema": _form("transcribe")},
+                form: {"schema": _form("transcribe", names)},
                 **_json(_ref("TranscriptionJSONRequest")),
             }},
             "responses": _transcription_replies(),
         },
         ("/v1/audio/translations", "post"): {
-            "requestBody": {"required": True, "content": {form: {"schema": _form("translate")}}},
+            "requestBody": {"required": True, "content": {
+                form: {"schema": _form("translate", names)}}},
             "responses": _transcription_replies(),
         },
         ("/audio", "post"): {
