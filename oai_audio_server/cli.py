@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -139,22 +140,45 @@ def serve(settings: Settings) -> None:
 
     from oai_audio_server.http.app import create_app
     from oai_audio_server.runtime import create_runtime
+    from oai_audio_server.serving import GracefulServer, graceful_timeout
 
     # uvicorn re-raises SIGTERM/SIGINT once its graceful shutdown is done, so that the
     # previous handler runs; make that handler a clean exit (status 0), which also covers
     # a signal that arrives before uvicorn has installed its own handlers.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    app = create_app(create_runtime(settings))
-    uvicorn.run(
-        app,
+    runtime = create_runtime(settings)
+    config = uvicorn.Config(
+        create_app(runtime),
         host=settings.host,
         port=settings.port,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        # A backstop only: the drain ends every reply at --shutdown-timeout.
+        timeout_graceful_shutdown=graceful_timeout(settings.shutdown_timeout),
         log_level="info",
         log_config=None,  # keep our handlers (text or JSON lines) for uvicorn's loggers
         access_log=False,  # the request log writes one richer line per request
     )
+    server = GracefulServer(config, runtime, settings.shutdown_timeout)
+    code: int | str | None = 1
+    try:
+        server.run()
+        code = server.exit_code  # 1 when the engine died: the supervisor restarts us
+    except SystemExit as stop:  # SIGTERM/SIGINT, re-raised by uvicorn once drained
+        code = stop.code
+    finally:
+        _exit_now(code)
+
+
+def _exit_now(code: int | str | None) -> None:
+    """Everything was closed above (replies, engine, pools); Python's own teardown of
+    torch and transformers would take seconds more of an orchestrator's grace period."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1 if code else 0)
 
 
 def _exit_cleanly(signum: int, frame: types.FrameType | None) -> None:

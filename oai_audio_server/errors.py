@@ -66,6 +66,13 @@ class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A body in a media type the route does not read (e.g. text/plain to a JSON route)."""
+
+    status_code = 415
+    default_code = "unsupported_media_type"
+
+
 class AuthenticationError(APIError):
     status_code = 401
     error_type = "authentication_error"
@@ -125,6 +132,21 @@ class NotReadyError(APIError):
 
     def __init__(self, message: str, *, retry_after_seconds: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_seconds)})
+
+
+class ShuttingDownError(NotReadyError):
+    """The server is draining after SIGTERM (or is about to exit after an engine crash);
+    another replica, or this one after its restart, can take the request."""
+
+    default_code = "server_shutting_down"
+
+
+class ModelLoadFailedError(APIError):
+    """The model could not be loaded: waiting will not help, so no Retry-After."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "model_load_failed"
 
 
 class EngineError(APIError):

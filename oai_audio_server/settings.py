@@ -63,7 +63,11 @@ class Settings:
     host: str = _setting("127.0.0.1", "Address to listen on.", "server", metavar="ADDRESS")
     port: int = _setting(8000, "Port to listen on.", "server")
     shutdown_timeout: float = _setting(
-        30.0, "Seconds in-flight requests may finish after SIGTERM.", "server", "s"
+        30.0,
+        "Seconds in-flight requests may finish after SIGTERM; then unfinished streams end "
+        "with an error event and [DONE], other requests with a 503, and the server exits.",
+        "server",
+        "s",
     )
     log_json: bool = _setting(
         False, "Write logs as JSON lines (request lines carry their fields as keys).", "server"
@@ -86,6 +90,13 @@ class Settings:
     max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.", "limits")
     request_timeout: float = _setting(
         600.0, "Seconds a request may wait and run in all.", "limits", "s"
+    )
+    request_body_timeout: float = _setting(
+        30.0,
+        "Seconds a client may take to send a request body (from the request's start); "
+        "slower ones get 408 and their connection is closed; 0 = no limit.",
+        "limits",
+        "s",
     )
     media_fetch_timeout: float = _setting(
         10.0, "Seconds allowed to fetch one remote audio.", "limits", "s"

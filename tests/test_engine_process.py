@@ -169,7 +169,8 @@ def test_a_crashed_engine_fails_its_requests_and_stops_being_ready(
         assert isinstance(end, Failed) and isinstance(end.error, EngineError)
         assert "engine process stopped" in end.error.message
         wait_for(lambda: not engine.ready, "ready to turn false")
-        assert engine.load_error is not None and "exit code" in str(engine.load_error)
+        assert engine.crash_reason is not None and "exit code" in engine.crash_reason
+        assert engine.load_error is None  # it had loaded: a crash, not a failed load
 
         async def after() -> None:
             engine.submit(long)

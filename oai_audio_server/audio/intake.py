@@ -2,7 +2,8 @@
 
 Bytes (from base64, a URL or a multipart upload) are hashed; a cached result is
 returned without decoding. Otherwise decoding, segmenting and featurising run in a
-worker thread, never on the event loop. Concurrent requests for the same bytes share
+worker thread, never on the event loop; so do base64 and data: URI decoding and the
+hashing, whose cost grows with the request. Concurrent requests for the same bytes share
 one decode. Nothing is written to disk.
 """
 
@@ -13,18 +14,26 @@ import concurrent.futures
 import copy
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from oai_audio_server.audio.cache import FeatureCache
 from oai_audio_server.audio.decode import SAMPLE_RATE, decode_audio
 from oai_audio_server.audio.features import MelFeatureExtractor, min_samples_for_one_token
-from oai_audio_server.audio.fetch import decode_base64_audio, fetch_audio_url, too_large
+from oai_audio_server.audio.fetch import (
+    decode_base64_audio,
+    decode_data_uri,
+    fetch_audio_url,
+    too_large,
+)
 from oai_audio_server.audio.segment import split_audio
 from oai_audio_server.audio.types import PreparedAudio
 from oai_audio_server.errors import APIError, InvalidAudioError
 from oai_audio_server.settings import Settings
 
 _MIN_SAMPLES = min_samples_for_one_token()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,22 +79,28 @@ class AudioIntake:
                 cache_bytes=cache.bytes,
             )
 
+    async def _in_worker(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
     async def from_base64(self, data: str, format_hint: str | None) -> PreparedAudio:
-        stripped = data.lstrip()
-        if stripped[:5].lower() == "data:":
-            return await self.from_url(stripped)
-        raw = decode_base64_audio(data, self._settings.max_audio_bytes)
+        head = data[:64].lstrip()
+        if head[:5].lower() == "data:":
+            return await self.from_url(data)
+        raw = await self._in_worker(decode_base64_audio, data, self._settings.max_audio_bytes)
         return await self.from_bytes(raw, format_hint)
 
     async def from_url(self, url: str) -> PreparedAudio:
-        raw = await fetch_audio_url(url, self._settings)
-        return await self.from_bytes(raw, _extension_hint(url))
+        if url[:64].lstrip()[:5].lower() == "data:":
+            raw = await self._in_worker(_decode_data_uri, url, self._settings.max_audio_bytes)
+        else:
+            raw = await fetch_audio_url(url, self._settings)
+        return await self.from_bytes(raw, _extension_hint(url[:256]))
 
     async def from_bytes(self, data: bytes, format_hint: str | None) -> PreparedAudio:
         max_bytes = self._settings.max_audio_bytes
         if len(data) > max_bytes:
             raise too_large(f"{len(data)} bytes", max_bytes)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = await self._in_worker(_sha256, data)
         cached = self._cache.get(digest)
         if cached is not None:
             return cached
@@ -127,6 +142,14 @@ class AudioIntake:
             duration_seconds=samples.shape[0] / SAMPLE_RATE,
             segments=segments,
         )
+
+
+def _decode_data_uri(url: str, max_bytes: int) -> bytes:
+    return decode_data_uri(url.strip(), max_bytes)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 async def _shared_result(future: asyncio.Future[PreparedAudio]) -> PreparedAudio:

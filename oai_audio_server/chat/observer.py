@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from oai_audio_server.errors import APIError
 from oai_audio_server.protocol import Usage
 
 
@@ -17,3 +18,6 @@ class GenerationObserver(Protocol):
 
     def finished(self, usage: Usage, audio_seconds: float) -> None:
         """The answer is complete; ``audio_seconds`` is all audio in the prompt."""
+
+    def failed(self, error: APIError) -> None:
+        """The reply (a stream, whose status was already sent) ended with this error."""

@@ -50,7 +50,7 @@ from oai_audio_server.qwen.conversation import Conversation
 from oai_audio_server.qwen.prompt import Prompt
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
-from oai_audio_server.sse import KEEPALIVE, next_events, sse_event
+from oai_audio_server.sse import DONE, KEEPALIVE, next_events, sse_event
 
 MAX_STOP_STRINGS = 16
 
@@ -156,9 +156,10 @@ class ChatService:
     async def prepare(self, request: ChatCompletionRequest) -> PreparedGeneration:
         model_name = check_model(self._settings, request.model)
         reject_unsupported(request)
-        bundle = self._runtime.engine.bundle
+        bundle = self._runtime.bundle
         conversation = await self.conversation(request)
-        prompt = self._runtime.prompt_builder.build(conversation)
+        # Tokenising takes time in proportion to the text: off the event loop.
+        prompt = await self._runtime.offload(self._runtime.prompt_builder.build, conversation)
         sampling = sampling_params(request, bundle, self._settings, len(prompt.token_ids))
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -183,7 +184,7 @@ class ChatService:
     async def complete(
         self, prepared: PreparedGeneration, observer: GenerationObserver | None = None
     ) -> ChatCompletion:
-        handle = self._runtime.engine.submit(prepared.generation)
+        handle = self._runtime.submit(prepared.generation)
         parts: list[str] = []
         try:
             while True:
@@ -217,7 +218,7 @@ class ChatService:
 
     def submit(self, prepared: PreparedGeneration) -> GenerationHandle:
         """Queue the request now, so a full queue is a 429 before the stream starts."""
-        return self._runtime.engine.submit(prepared.generation)
+        return self._runtime.submit(prepared.generation)
 
     async def stream(
         self,
@@ -263,6 +264,8 @@ class ChatService:
                         continue
                     done = True
                     if isinstance(event, Failed):
+                        if observer is not None:
+                            observer.failed(event.error)
                         frames.append(sse_event(json_encoder.encode(event.error.to_body())))
                         break
                     final_usage = self._usage(prepared, event)
@@ -280,11 +283,12 @@ class ChatService:
                         frames.append(sse_event(json_encoder.encode(usage_chunk)))
                     break
                 if done:
-                    frames.append(b"data: [DONE]\n\n")
+                    frames.append(DONE)
                 yield b"".join(frames)
-        except APIError as exc:
-            yield sse_event(json_encoder.encode(exc.to_body()))
         except Exception as exc:  # never a bare broken stream
-            yield sse_event(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
+            error = exc if isinstance(exc, APIError) else EngineError(f"stream failed: {exc}")
+            if observer is not None:
+                observer.failed(error)
+            yield sse_event(json_encoder.encode(error.to_body())) + DONE
         finally:
             handle.cancel()  # client gone or stream done: the row leaves the batch

@@ -41,7 +41,8 @@ from collections.abc import Callable
 from typing import Any
 
 from oai_audio_server.engine.cache_plan import CacheOptions
-from oai_audio_server.engine.loader import ModelBundle, ModelInfo, load_bundle, load_front_bundle
+from oai_audio_server.engine.load_report import ModelLoadError, explained_loader
+from oai_audio_server.engine.loader import ModelBundle, ModelInfo, load_front_bundle
 from oai_audio_server.engine.scheduler import (
     COUNTERS,
     BatchingEngine,
@@ -55,7 +56,13 @@ from oai_audio_server.engine.types import (
     GenerationEvent,
     GenerationRequest,
 )
-from oai_audio_server.errors import APIError, EngineError, NotReadyError, OverloadedError
+from oai_audio_server.errors import (
+    APIError,
+    EngineError,
+    NotReadyError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -134,6 +141,10 @@ class EngineProcess:
         self._load_error: BaseException | None = None
         self._stopping = False
         self._gone = False
+        self.crash_reason: str | None = None
+        # Called (from the reader thread) when the engine process ends unexpectedly,
+        # after the requests in flight were failed.
+        self.on_crash: Callable[[str], None] | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -157,7 +168,12 @@ class EngineProcess:
         atexit.register(self._kill)
 
     def close(self, timeout: float = 10.0) -> None:
+        """Fail what is in flight at once, ask the engine to stop, and kill it if it has
+        not ended within ``timeout`` (it holds nothing that needs a clean stop)."""
         self._stopping = True
+        with self._lock:
+            tickets = list(self._handles)
+        self._fail_tickets(tickets, ShuttingDownError("the server is shutting down"))
         if self._writer is not None:
             self._outgoing.put(("stop",))
             self._outgoing.put(None)
@@ -283,7 +299,7 @@ class EngineProcess:
                 elif kind == "ready":
                     self._front(message[1])
                 elif kind == "load_failed":
-                    self._load_error = RuntimeError(message[1])
+                    self._load_error = ModelLoadError(message[1])
         except (EOFError, OSError):
             pass
         except Exception:  # a message that cannot be read: nothing after it can be trusted
@@ -315,21 +331,26 @@ class EngineProcess:
         """The engine process ended (or its channel broke): fail whatever was still
         waiting for it."""
         self._gone = True
+        crashed = not self._stopping and self._bundle is not None
         if self._stopping:
-            error: APIError = NotReadyError("the server is shutting down")
+            error: APIError = ShuttingDownError("the server is shutting down")
         else:
             if self._process is not None:
                 self._process.join(5)
                 self._kill()  # alive behind a broken channel: of no use, holding memory
             code = self._process.exitcode if self._process is not None else None
             message = f"the engine process stopped (exit code {code})"
-            if self._load_error is None:
-                logger.error(message)
+            if self._load_error is None and not crashed:
+                # It ended while loading without reporting why (killed, out of memory).
                 self._load_error = RuntimeError(message)
-            error = EngineError(message + "; the server must be restarted")
+            if crashed:
+                self.crash_reason = message
+            error = EngineError(message + "; the server restarts")
         with self._lock:
             tickets = list(self._handles)
         self._fail_tickets(tickets, error)
+        if crashed and self.crash_reason is not None and self.on_crash is not None:
+            self.on_crash(self.crash_reason)
 
 
 # ---------------------------------------------------------------------- engine side
@@ -414,6 +435,10 @@ def run_engine_process(
 
     configure_logging(json_lines=settings.log_json)
     _EngineSide(settings, conn, shared_stats, max_batch_size, join_wait_steps).run()
+    # Nothing is left to save; skip the interpreter's teardown (seconds with torch
+    # loaded), so that a stopping server exits within its orchestrator's grace period.
+    logging.shutdown()
+    os._exit(0)
 
 
 class _EngineSide:
@@ -430,7 +455,7 @@ class _EngineSide:
         self._sink = _PipeSink(conn, self._send_lock)
         self._shared_stats = shared_stats
         self.engine = BatchingEngine(
-            lambda: load_bundle(settings),
+            explained_loader(settings),
             max_batch_size=max_batch_size,
             max_queue=sys.maxsize,  # the server process bounds the queue
             join_wait_steps=join_wait_steps,
@@ -456,7 +481,10 @@ class _EngineSide:
         while not self.engine.ready:
             error = self.engine.load_error
             if error is not None:
-                message = f"{type(error).__name__}: {error}"
+                if isinstance(error, ModelLoadError):
+                    message = str(error)
+                else:
+                    message = f"{type(error).__name__}: {error}"
                 _send(self._conn, self._send_lock, ("load_failed", message))
                 return False
             if self._conn.poll(0.05):

@@ -11,7 +11,8 @@ from litestar import Litestar
 from oai_audio_server.http.auth import api_key_guard
 from oai_audio_server.http.cors import PreflightGate, cors_config
 from oai_audio_server.http.docs import build_docs_routes, openapi_config
-from oai_audio_server.http.errors import handle_exception
+from oai_audio_server.http.errors import exception_handler
+from oai_audio_server.http.gates import BodyDeadline, DrainGate
 from oai_audio_server.http.metrics import ServerMetrics, build_metrics_routes
 from oai_audio_server.http.request_log import RequestTracker, log_request
 from oai_audio_server.http.routes import build_routes
@@ -37,11 +38,11 @@ def create_app(runtime: Runtime) -> Litestar:
         route_handlers=build_routes(runtime)
         + build_tutorial_routes(runtime)
         + build_metrics_routes(metrics)
-        + build_docs_routes()
+        + build_docs_routes(settings)
         + build_transcription_routes(runtime)
         + build_web_ui_routes(),
         lifespan=[lifespan],
-        exception_handlers={Exception: handle_exception},
+        exception_handlers={Exception: exception_handler(settings)},
         request_max_body_size=runtime.settings.max_body_bytes,
         guards=[exempt_web_ui(api_key_guard(settings.api_key))] if settings.api_key else [],
         cors_config=cors,
@@ -49,6 +50,7 @@ def create_app(runtime: Runtime) -> Litestar:
         logging_config=None,  # the CLI configures logging (text or JSON lines)
     )
     # Outside Litestar's own stack, so unmatched routes and preflights are tracked too.
-    gated = PreflightGate(app.asgi_handler, cors)
+    gated = DrainGate(BodyDeadline(PreflightGate(app.asgi_handler, cors),
+                                   settings.request_body_timeout), runtime)
     app.asgi_handler = RequestTracker(gated, sinks=[metrics.observe, log_request])
     return app

@@ -41,6 +41,14 @@ def is_public(scope: Any) -> bool:
     return template in PUBLIC_ROUTES or under_docs
 
 
+def has_api_key(authorization: str | None, api_key: str | None) -> bool:
+    """Whether the header carries the key (always true on a server without one)."""
+    if api_key is None:
+        return True
+    token = bearer_token(authorization)
+    return token is not None and hmac.compare_digest(token.encode(), api_key.encode())
+
+
 def api_key_guard(api_key: str) -> Guard:
     expected = api_key.encode()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import msgspec
 from litestar.config.cors import CORSConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from oai_audio_server.errors import PermissionDeniedError
+from oai_audio_server.http.asgi_reply import send_error
 from oai_audio_server.http.request_log import REQUEST_ID_HEADER
 from oai_audio_server.settings import Settings
 
@@ -41,7 +41,7 @@ class PreflightGate:
             origin = headers.get(b"origin", b"").decode("latin-1")
             preflight = b"access-control-request-method" in headers
             if preflight and origin and not config.is_origin_allowed(origin):
-                await _send_error(send, PermissionDeniedError(
+                await send_error(send, PermissionDeniedError(
                     f"the origin {origin} may not call this server from a browser; the "
                     "operator lists allowed origins in --allowed-origins",
                     code="cors_origin_not_allowed",
@@ -49,13 +49,3 @@ class PreflightGate:
                 return
         await self._app(scope, receive, send)
 
-
-async def _send_error(send: Send, error: PermissionDeniedError) -> None:
-    body = msgspec.json.encode(error.to_body())
-    await send({
-        "type": "http.response.start",
-        "status": error.status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode())],
-    })
-    await send({"type": "http.response.body", "body": body, "more_body": False})

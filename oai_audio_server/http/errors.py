@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -16,6 +17,7 @@ from oai_audio_server.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from oai_audio_server.settings import MIB, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ def error_response(error: APIError) -> Response[Any]:
     )
 
 
-def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> APIError:
+def _from_http_exception(
+    request: Request[Any, Any, Any], exc: HTTPException, settings: Settings
+) -> APIError:
     status = exc.status_code
     detail = str(exc.detail or "")
     where = f"{request.method} {request.url.path}"
@@ -68,9 +72,11 @@ def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) ->
             f"no route for {where}; /docs lists this server's routes", code="not_found"
         )
     elif status == 413:
+        limit = settings.max_body_bytes
         error = PayloadTooLargeError(
-            "the request body is too large; send smaller or fewer audio files "
-            "(the limit is the server's --max-body-bytes)"
+            f"the request body is over this server's limit of {limit} bytes "
+            f"({limit / MIB:.1f} MiB, --max-body-bytes); send smaller or fewer audio files "
+            "(base64 makes audio 4/3 of its file size)"
         )
     elif status == 405:
         allow = (exc.headers or {}).get("allow", "")
@@ -89,12 +95,17 @@ def _from_http_exception(request: Request[Any, Any, Any], exc: HTTPException) ->
     return error
 
 
-def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    if isinstance(exc, APIError):
-        error = exc
-    elif isinstance(exc, HTTPException):
-        error = _from_http_exception(request, exc)
-    else:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        error = APIError(f"internal server error: {type(exc).__name__}")
-    return error_response(error)
+def exception_handler(
+    settings: Settings,
+) -> Callable[[Request[Any, Any, Any], Exception], Response[Any]]:
+    def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        if isinstance(exc, APIError):
+            error = exc
+        elif isinstance(exc, HTTPException):
+            error = _from_http_exception(request, exc, settings)
+        else:
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+            error = APIError(f"internal server error: {type(exc).__name__}")
+        return error_response(error)
+
+    return handle_exception

@@ -34,6 +34,8 @@ _ENGINE_GAUGES = {
     "queue_depth": "Requests waiting for the model.",
     "batch_size": "Sequences in the running batch.",
 }
+# Engine figures that are highs since start: gauges too (they are no running totals).
+_ENGINE_PEAKS = {"peak_batch_size": "Most sequences in one batch since start."}
 
 
 class ServerMetrics:
@@ -77,7 +79,7 @@ class ServerMetrics:
         self.registry.register(RuntimeCollector(runtime))
 
     def observe(self, record: RequestRecord) -> None:
-        self._requests.labels(record.method, record.route, str(record.status)).inc()
+        self._requests.labels(record.method, record.route, record.outcome).inc()
         self._latency.labels(record.method, record.route).observe(record.latency_seconds)
         if record.first_token_seconds is not None:
             stream = "true" if record.stream else "false"
@@ -116,8 +118,13 @@ class RuntimeCollector(Collector):
         stats = engine.stats()
         for name, help_text in _ENGINE_GAUGES.items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=stats.get(name, 0.0))
+        for name, help_text in _ENGINE_PEAKS.items():
+            if name in stats:
+                yield GaugeMetricFamily(
+                    f"{PREFIX}_engine_{name}", help_text, value=stats[name]
+                )
         for name, value in sorted(stats.items()):
-            if name not in _ENGINE_GAUGES:
+            if name not in _ENGINE_GAUGES and name not in _ENGINE_PEAKS:
                 yield CounterMetricFamily(
                     f"{PREFIX}_engine_{_metric_name(name)}",
                     f"Engine counter '{name}' since start.",

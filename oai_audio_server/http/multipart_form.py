@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from oai_audio_server.errors import InvalidRequestError
+from oai_audio_server.errors import InvalidRequestError, UnsupportedMediaTypeError
 
 MAX_PARTS = 32
 
@@ -53,11 +53,17 @@ def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPar
     """Every form part, in order (repeated names such as ``timestamp_granularities[]``)."""
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        problem = "has no boundary" if kind == b"multipart/form-data" else "is not multipart"
+    if kind != b"multipart/form-data":
+        raise UnsupportedMediaTypeError(
+            f"this endpoint reads a multipart/form-data form, but the request's Content-Type "
+            f"is {kind.decode('latin-1') or 'missing'}; send the form as multipart/form-data "
+            "(HTTP clients do when given the form's fields and file)",
+        )
+    if not boundary:
         raise InvalidRequestError(
-            f"the request's Content-Type {problem}; send the form as multipart/form-data "
-            "with a boundary (HTTP clients add it when given the form's fields and file)",
+            "the request's Content-Type has no boundary; send the form as "
+            "multipart/form-data with a boundary (HTTP clients add it when given the "
+            "form's fields and file)",
             code="invalid_content_type",
         )
     parts: list[FormPart] = []

@@ -21,6 +21,7 @@ from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from oai_audio_server.errors import APIError
 from oai_audio_server.protocol import Usage
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -45,6 +46,8 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     audio_seconds: float | None = None
+    # A stream that ended with an error event after its 200 went out: its code.
+    error_code: str | None = None
 
     # GenerationObserver: times count from the request's arrival, as the client sees them.
     def first_token(self) -> None:
@@ -56,6 +59,17 @@ class RequestRecord:
         self.completion_tokens = usage.completion_tokens
         self.audio_seconds = audio_seconds
 
+    def failed(self, error: APIError) -> None:
+        self.error_code = error.code or error.error_type
+
+    @property
+    def outcome(self) -> str:
+        """The status, or "cut" for a stream that ended with an error event (its 200
+        was sent before the error): what the log line and the metrics show."""
+        if self.error_code is not None and 200 <= self.status < 300:
+            return "cut"
+        return str(self.status)
+
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "request_id": self.request_id,
@@ -64,6 +78,9 @@ class RequestRecord:
             "status": self.status,
             "latency_ms": round(self.latency_seconds * 1000, 1),
         }
+        if self.error_code is not None:
+            fields["outcome"] = self.outcome
+            fields["error_code"] = self.error_code
         if self.prompt_tokens is not None:
             fields["prompt_tokens"] = self.prompt_tokens
             fields["completion_tokens"] = self.completion_tokens
@@ -152,7 +169,7 @@ def log_request(record: RequestRecord) -> None:
     """The one line per request; the fields ride along for the JSON formatter."""
     fields = record.fields()
     text = " ".join(
-        [f"{record.request_id} {record.method} {record.path} {record.status}"]
+        [f"{record.request_id} {record.method} {record.path} {record.outcome}"]
         + [f"{key}={value}" for key, value in fields.items() if key not in _IN_PREFIX]
     )
     level = logging.DEBUG if record.path in PROBE_PATHS else logging.INFO
@@ -162,7 +179,7 @@ def log_request(record: RequestRecord) -> None:
 # Load balancers, uptime checkers and Prometheus call these every few seconds: at INFO
 # they would bury the requests that matter.
 PROBE_PATHS = frozenset({"/health", "/live", "/metrics"})
-_IN_PREFIX = frozenset({"request_id", "method", "path", "status"})
+_IN_PREFIX = frozenset({"request_id", "method", "path", "status", "outcome"})
 
 
 class JsonLineFormatter(logging.Formatter):

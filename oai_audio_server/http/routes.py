@@ -10,9 +10,11 @@ from litestar.enums import MediaType
 from litestar.response import Stream
 
 from oai_audio_server.chat.service import ChatService, check_model
-from oai_audio_server.errors import NotReadyError
+from oai_audio_server.errors import EngineError
+from oai_audio_server.http.auth import has_api_key
+from oai_audio_server.http.body import read_json
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
-from oai_audio_server.http.errors import decode_body, error_response
+from oai_audio_server.http.errors import error_response
 from oai_audio_server.http.request_log import current_record
 from oai_audio_server.protocol import (
     ModelCard,
@@ -42,8 +44,7 @@ def build_routes(runtime: Runtime) -> list[Any]:
         summary="Create a chat completion (JSON or SSE stream)",
     )
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        body = await request.body()
-        chat_request = decode_body(body, chat_request_decoder)
+        chat_request = await read_json(runtime, request, chat_request_decoder)
         prepared = await chat.prepare(chat_request)
         record = current_record(request.scope)  # gets tokens and TTFT for logs and metrics
         if chat_request.stream:
@@ -74,33 +75,42 @@ def build_routes(runtime: Runtime) -> list[Any]:
         name = check_model(settings, model_id.lstrip("/"))
         return json_response(ModelCard(id=name, created=started))
 
-    @get("/health", summary="Readiness: 200 once the model is loaded, 503 before")
-    async def health() -> Response[Any]:
-        engine = runtime.engine
-        if engine.ready:
-            # Every engine figure is a count; JSON readers expect integers, not 3.0.
-            counts = {name: int(value) for name, value in engine.stats().items()}
-            return json_response({"status": "ok", **counts})
-        if engine.load_error is not None:
-            message = f"model failed to load: {engine.load_error}"
-        else:
-            message = "the model is loading"
-        return error_response(NotReadyError(message))
+    @get(
+        "/health",
+        summary="Readiness: 200 once the model is loaded, 503 before, when the load "
+        "failed, while shutting down, and after an engine crash",
+    )
+    async def health(request: Request[Any, Any, Any]) -> Response[Any]:
+        problem = runtime.unready()
+        if problem is not None:
+            return error_response(problem)
+        if not has_api_key(request.headers.get("authorization"), settings.api_key):
+            return json_response({"status": "ok"})  # counters only with the key
+        # Every engine figure is a count; JSON readers expect integers, not 3.0.
+        counts = {name: int(value) for name, value in runtime.engine.stats().items()}
+        return json_response({"status": "ok", **counts})
 
-    @get("/live", summary="Liveness: 200 while the process serves HTTP")
-    async def live() -> Response[bytes]:
+    @get("/live", summary="Liveness: 200 while the process serves HTTP; 503 once the "
+         "engine has died and the process is about to exit")
+    async def live() -> Response[Any]:
+        if runtime.lifecycle.fatal is not None:
+            return error_response(EngineError(
+                f"{runtime.lifecycle.fatal}; the server is exiting so that its supervisor "
+                "restarts it", code="engine_stopped", status=503,
+            ))
         return json_response({"status": "alive"})
 
     # Uptime checkers often probe with HEAD: the same statuses, without a body.
     @head("/health", summary="Readiness, without a body")
     async def health_head() -> Response[None]:
-        if runtime.engine.ready:
+        problem = runtime.unready()
+        if problem is None:
             return _no_body(200)
-        return _no_body(503, headers={"Retry-After": "5"})
+        return _no_body(problem.status, headers=problem.headers)
 
     @head("/live", summary="Liveness, without a body")
     async def live_head() -> Response[None]:
-        return _no_body(200)
+        return _no_body(503 if runtime.lifecycle.fatal is not None else 200)
 
     return [chat_completions, list_models, get_model, health, live, health_head, live_head]
 

@@ -13,12 +13,11 @@ import re
 from typing import Any
 
 from litestar import Request, Response, post
-from litestar.enums import RequestEncodingType
 from litestar.response import Stream
 
-from oai_audio_server.errors import InvalidRequestError
+from oai_audio_server.errors import InvalidRequestError, UnsupportedMediaTypeError
+from oai_audio_server.http.body import INLINE_BYTES, is_json_media_type, media_type, read_json
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
-from oai_audio_server.http.errors import decode_body
 from oai_audio_server.http.multipart_form import FormPart, parse_multipart_parts
 from oai_audio_server.http.request_log import current_record
 from oai_audio_server.http.routes import SSE_HEADERS
@@ -62,11 +61,16 @@ def _text_field(parts: list[FormPart], name: str) -> str | None:
 
 
 async def _from_form(
-    service: TranscriptionService, request: Request[Any, Any, Any], task: Task
+    runtime: Runtime, service: TranscriptionService, request: Request[Any, Any, Any], task: Task
 ) -> PreparedTranscription:
     # The body is already capped by the app's size limit; parsing it in memory means no
     # upload is ever spooled to a temporary file.
-    parts = parse_multipart_parts(await request.body(), request.headers.get("content-type"))
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    if len(body) > INLINE_BYTES:  # parsing takes time in proportion to the body
+        parts = await runtime.offload(parse_multipart_parts, body, content_type)
+    else:
+        parts = parse_multipart_parts(body, content_type)
     granularities = [
         part.text()
         for part in parts
@@ -94,9 +98,9 @@ async def _from_form(
 
 
 async def _from_json(
-    service: TranscriptionService, request: Request[Any, Any, Any], task: Task
+    runtime: Runtime, service: TranscriptionService, request: Request[Any, Any, Any], task: Task
 ) -> PreparedTranscription:
-    body = decode_body(await request.body(), transcription_json_decoder)
+    body = await read_json(runtime, request, transcription_json_decoder)
     options = TranscriptionOptions.from_fields(
         task,
         model=body.model,
@@ -115,14 +119,15 @@ def build_transcription_routes(runtime: Runtime) -> list[Any]:
     service = TranscriptionService(runtime.settings, runtime)
 
     async def handle(request: Request[Any, Any, Any], task: Task) -> Response[Any]:
-        content_type, _ = request.content_type
-        if task == "transcribe" and content_type == "application/json":
-            prepared = await _from_json(service, request, task)
-        elif content_type == RequestEncodingType.MULTI_PART:
-            prepared = await _from_form(service, request, task)
+        kind = media_type(request)
+        if task == "transcribe" and is_json_media_type(kind):
+            prepared = await _from_json(runtime, service, request, task)
+        elif kind == "multipart/form-data":
+            prepared = await _from_form(runtime, service, request, task)
         else:
-            raise InvalidRequestError(
-                "send the audio as multipart/form-data with a 'file' part"
+            raise UnsupportedMediaTypeError(
+                f"the request's Content-Type is {kind or 'missing'}; send the audio as "
+                "multipart/form-data with a 'file' part"
                 + (" (or JSON with input_audio)" if task == "transcribe" else ""),
                 param="file",
             )

@@ -85,6 +85,10 @@ def allowed_local_file(settings: Settings, raw: str) -> pathlib.Path:
     return target
 
 
+def _base64_text(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 def build_tutorial_routes(runtime: Runtime) -> list[Any]:
     settings = runtime.settings
     chat = ChatService(settings, runtime)
@@ -128,7 +132,9 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
         '{"response": <answer>, "status": "success", "time": <seconds>}.',
     )
     async def tutorial_upload(request: Request[Any, Any, Any]) -> Response[Any]:
-        form = parse_multipart(await request.body(), request.headers.get("content-type"))
+        form = await runtime.offload(
+            parse_multipart, await request.body(), request.headers.get("content-type")
+        )
         upload = form.get("file")
         if upload is None:
             raise InvalidRequestError(
@@ -137,7 +143,7 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
                 code="missing_file",
             )
         question = form["text"].text() if "text" in form else DEFAULT_QUESTION
-        encoded = base64.b64encode(upload.data).decode("ascii")
+        encoded = await runtime.offload(_base64_text, upload.data)
         audio = InputAudioPart(InputAudio(data=encoded, format=format_hint(upload.filename, None)))
         return await answer(request, audio, question or DEFAULT_QUESTION, "file")
 

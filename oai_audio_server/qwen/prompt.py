@@ -12,6 +12,11 @@ the tokenizer open that path. Here the tokenizer only ever sees:
 Audio spans become ``<audio>`` + pads + ``</audio>`` built from the features we computed.
 For text without special-token strings this is exactly what the official code encodes,
 because tiktoken encodes the text between special tokens piece by piece.
+
+Tokenising costs time in proportion to the text, so text that cannot fit the window is
+refused (or, for an old history turn, dropped as the official rule would) by a bound
+that needs no tokeniser: no token covers more than ``max_token_bytes`` UTF-8 bytes, and
+a character is at least one byte, so ``len(text) / max_token_bytes`` tokens at least.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
+from oai_audio_server.errors import ContextLengthExceededError
 from oai_audio_server.qwen.conversation import AudioItem, Conversation, TextItem, UserItem
+
+
+def longest_token_bytes(token_bytes: list[bytes]) -> int:
+    """The most UTF-8 bytes one token stands for (special tokens' text included, which
+    only makes the bound weaker, never wrong)."""
+    return max((len(token) for token in token_bytes), default=1) or 1
 
 
 class QwenTokenizerLike(Protocol):
@@ -57,9 +69,14 @@ class _EncodedTurn:
 
 
 class QwenPromptBuilder:
-    def __init__(self, tokenizer: QwenTokenizerLike, *, max_window_size: int) -> None:
+    def __init__(
+        self, tokenizer: QwenTokenizerLike, *, max_window_size: int, max_token_bytes: int = 0
+    ) -> None:
         self._tokenizer = tokenizer
         self._max_window_size = max_window_size
+        # 0: no cheap bound (every text is tokenised).
+        self._max_chars = max_window_size * max_token_bytes if max_token_bytes > 0 else 0
+        self.max_token_bytes = max_token_bytes
         self._newline = self._plain("\n")
         self._role_tokens = {role: self._plain(role) for role in ("system", "user", "assistant")}
 
@@ -100,7 +117,24 @@ class QwenPromptBuilder:
         tokens += self._plain(formatted[cursor:])
         return _EncodedTurn(tokens, segments)
 
+    def _least_tokens(self, chars: int) -> int:
+        """Fewest tokens ``chars`` characters of text can take (0 without a bound)."""
+        if not self._max_chars:
+            return 0
+        return -(-chars * self._max_window_size // self._max_chars)
+
+    def _refuse_unfittable(self, conversation: Conversation) -> None:
+        chars = len(conversation.system) + _text_chars(conversation.query)
+        if self._least_tokens(chars) > self._max_window_size:
+            raise ContextLengthExceededError(
+                f"the request's system and last user text are {chars} characters, more than "
+                f"the model's {self._max_window_size}-token window can hold whatever the "
+                "text; send shorter text",
+                param="messages",
+            )
+
     def build(self, conversation: Conversation) -> Prompt:
+        self._refuse_unfittable(conversation)  # before any tokenising
         newline = self._newline
         system_tokens = self._message("system", self._plain(conversation.system))
 
@@ -109,6 +143,9 @@ class QwenPromptBuilder:
         context: list[int] = []
         context_audio: list[AudioSegmentFeatures] = []
         for turn in reversed(conversation.history):
+            at_least = self._least_tokens(_text_chars(turn.query) + len(turn.response))
+            if len(system_tokens) + at_least + len(context) >= self._max_window_size:
+                break  # cannot fit: dropped with all older turns, without tokenising it
             query = self._user_content(turn.query)
             turn_tokens = [
                 *newline,
@@ -134,3 +171,7 @@ class QwenPromptBuilder:
             *newline,
         ]
         return Prompt(token_ids=token_ids, audio_segments=context_audio + query.audio)
+
+
+def _text_chars(items: tuple[UserItem, ...]) -> int:
+    return sum(len(item.text) for item in items if isinstance(item, TextItem))

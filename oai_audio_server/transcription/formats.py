@@ -93,8 +93,31 @@ def verbose_json(result: TranscriptResult) -> TranscriptionVerbose:
     )
 
 
-def _clock(seconds: float, separator: str) -> str:
-    millis = max(0, round(seconds * 1000))
+# A segment the model timed as an instant (start == end) still needs a cue players show:
+# it lasts this long, or until the next cue starts, and at least 1 ms.
+MIN_CUE_MS = 200
+
+
+def _millis(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def cue_spans(segments: list[TimedSegment]) -> list[tuple[int, int]]:
+    """Start and end of each cue in ms, every end after its start."""
+    spans = []
+    for index, segment in enumerate(segments):
+        start, end = _millis(segment.start), _millis(segment.end)
+        if end <= start:
+            end = start + MIN_CUE_MS
+            if index + 1 < len(segments):
+                following = _millis(segments[index + 1].start)
+                if following > start:
+                    end = min(end, following)
+        spans.append((start, max(end, start + 1)))
+    return spans
+
+
+def _clock(millis: int, separator: str) -> str:
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)
@@ -107,20 +130,24 @@ def _cue_text(text: str) -> str:
     return "\n".join(lines)
 
 
+def _shown(result: TranscriptResult) -> list[TimedSegment]:
+    return [s for s in result.segments if s.text.strip()]
+
+
 def srt(result: TranscriptResult) -> str:
     cues = []
-    for number, segment in enumerate((s for s in result.segments if s.text.strip()), 1):
-        times = f"{_clock(segment.start, ',')} --> {_clock(segment.end, ',')}"
+    shown = _shown(result)
+    for number, (segment, (start, end)) in enumerate(zip(shown, cue_spans(shown), strict=True), 1):
+        times = f"{_clock(start, ',')} --> {_clock(end, ',')}"
         cues.append(f"{number}\n{times}\n{_cue_text(segment.text)}\n")
     return "\n".join(cues)
 
 
 def vtt(result: TranscriptResult) -> str:
     cues = ["WEBVTT\n"]
-    for segment in result.segments:
-        if not segment.text.strip():
-            continue
-        times = f"{_clock(segment.start, '.')} --> {_clock(segment.end, '.')}"
+    shown = _shown(result)
+    for segment, (start, end) in zip(shown, cue_spans(shown), strict=True):
+        times = f"{_clock(start, '.')} --> {_clock(end, '.')}"
         cues.append(f"{times}\n{_cue_text(segment.text)}\n")
     return "\n".join(cues)
 

@@ -35,7 +35,7 @@ from oai_audio_server.errors import (
 from oai_audio_server.protocol import Usage, json_encoder
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
-from oai_audio_server.sse import KEEPALIVE, next_events, sse_event
+from oai_audio_server.sse import DONE, KEEPALIVE, next_events, sse_event
 from oai_audio_server.transcription.formats import TimedSegment, TranscriptResult
 from oai_audio_server.transcription.prompts import (
     language_name,
@@ -141,12 +141,13 @@ class TranscriptionService:
     ) -> PreparedTranscription:
         # Model name first (404), then readiness (503), before any audio is decoded.
         check_model(self._settings, options.model)
-        _ = self._runtime.engine.bundle
+        _ = self._runtime.bundle
         try:
             audio = await decode()
         except APIError as exc:
             raise exc.with_param(param) from None
-        return self._prepare(options, audio, param)
+        # Building one prompt per 30 s segment tokenises text: off the event loop.
+        return await self._runtime.offload(self._prepare, options, audio, param)
 
     def _prepare(
         self, options: TranscriptionOptions, audio: PreparedAudio, param: str
@@ -159,7 +160,7 @@ class TranscriptionService:
                 param=param,
                 code="audio_too_long",
             )
-        bundle = self._runtime.engine.bundle
+        bundle = self._runtime.bundle
         builder = self._runtime.prompt_builder
         deadline = time.monotonic() + self._settings.request_timeout
         request_id = f"trsc-{uuid.uuid4().hex}"
@@ -197,8 +198,7 @@ class TranscriptionService:
     def submit(self, prepared: PreparedTranscription) -> list[GenerationHandle]:
         """Queue every segment now, as one admission (a full queue is a 429 before any reply
         starts, and a long file never needs more free slots than a short one)."""
-        engine = self._runtime.engine
-        return list(engine.submit_group([job.generation for job in prepared.jobs]))
+        return list(self._runtime.submit_group([job.generation for job in prepared.jobs]))
 
     async def transcribe(
         self,
@@ -232,7 +232,7 @@ class TranscriptionService:
 
     def result(self, prepared: PreparedTranscription, raws: list[str]) -> TranscriptResult:
         """Texts and timed segments from each audio segment's raw model output."""
-        tokenizer = self._runtime.engine.bundle.tokenizer
+        tokenizer = self._runtime.bundle.tokenizer
         wants_tokens = prepared.options.response_format == "verbose_json"
         segments: list[TimedSegment] = []
         for job, raw in zip(prepared.jobs, raws, strict=True):
@@ -322,10 +322,11 @@ class TranscriptionService:
             )
             _report(observer, prepared, input_tokens, output_tokens)
             yield sse_event(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
-        except APIError as exc:
-            yield sse_event(json_encoder.encode(exc.to_body()))
         except Exception as exc:  # never a bare broken stream
-            yield sse_event(json_encoder.encode(EngineError(f"stream failed: {exc}").to_body()))
+            error = exc if isinstance(exc, APIError) else EngineError(f"stream failed: {exc}")
+            if observer is not None:
+                observer.failed(error)
+            yield sse_event(json_encoder.encode(error.to_body())) + DONE
         finally:
             for handle in handles:
                 handle.cancel()  # client gone or stream done: the rows leave the batch

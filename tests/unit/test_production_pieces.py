@@ -46,8 +46,9 @@ def test_multipart_keeps_binary_and_names_in_memory() -> None:
 
 
 def test_multipart_rejects_other_bodies() -> None:
-    with pytest.raises(InvalidRequestError, match="is not multipart"):
+    with pytest.raises(InvalidRequestError, match="reads a multipart/form-data") as wrong:
         parse_multipart(b"{}", "application/json")
+    assert wrong.value.status == 415
     # A hand-set Content-Type without the boundary: say that, not what fields to send.
     with pytest.raises(InvalidRequestError, match="has no boundary") as caught:
         parse_multipart(b"garbage", "multipart/form-data")

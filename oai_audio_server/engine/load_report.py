@@ -1,0 +1,55 @@
+"""One clear line for a model that failed to load, logged before the (long, chained)
+traceback, and the cause that /health and the 503 replies show."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from oai_audio_server.engine.loader import ModelBundle, load_bundle
+from oai_audio_server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A failed load, with a message that says what failed and what to do."""
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        cause = error.__cause__ or error.__context__
+        if cause is None:
+            break
+        error = cause
+    return error
+
+
+def explain_load_failure(model: str, error: BaseException) -> str:
+    root = _root_cause(error)
+    text = str(root).strip()
+    cause = type(root).__name__ + (f": {text.splitlines()[0]}" if text else "")
+    if Path(model).expanduser().is_dir():
+        return f"loading the checkpoint in {model} failed: {cause}"
+    return (
+        f"could not get the model {model!r} from ModelScope ({cause}); check the network "
+        "or proxy settings, or pass a local checkpoint directory as MODEL instead"
+    )
+
+
+def explained_loader(settings: Settings) -> Callable[[], ModelBundle]:
+    """``load_bundle`` that logs one clear line first and raises a ModelLoadError whose
+    message is that line (the original error chained, for the traceback)."""
+
+    def load() -> ModelBundle:
+        try:
+            return load_bundle(settings)
+        except Exception as error:
+            line = explain_load_failure(settings.model, error)
+            logger.error("model failed to load: %s", line)
+            raise ModelLoadError(line) from error
+
+    return load
