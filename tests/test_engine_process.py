@@ -186,7 +186,7 @@ def test_a_failed_load_is_reported_and_the_process_ends(tmp_path: Path) -> None:
     engine = started(str(tmp_path / "no-such-model"))
     try:
         assert not engine.ready
-        assert "does not exist" in str(engine.load_error)
+        assert "neither a checkpoint directory nor a hub id" in str(engine.load_error)
         wait_for(lambda: not engine.is_alive(), "the engine process to end")
     finally:
         engine.close()

@@ -34,8 +34,13 @@ def explain_load_failure(model: str, error: BaseException) -> str:
     cause = type(root).__name__ + (f": {text.splitlines()[0]}" if text else "")
     if Path(model).expanduser().is_dir():
         return f"loading the checkpoint in {model} failed: {cause}"
+    from oai_audio_server.hub import HubError, hub_order, is_model_id
+
+    if isinstance(root, HubError | FileNotFoundError) or not is_model_id(model):
+        return text.splitlines()[0] if text else cause  # already says what to do
+    hub = hub_order(model, "auto")[0].title
     return (
-        f"could not get the model {model!r} from ModelScope ({cause}); check the network "
+        f"could not get the model {model!r} from {hub} ({cause}); check the network "
         "or proxy settings, or pass a local checkpoint directory as MODEL instead"
     )
 
