@@ -477,14 +477,14 @@ def test_a_row_joins_a_running_batch_at_every_step_offset(
         return [await task, second], joined_at
 
     seen_offsets = set()
-    for offset in range(1, 25, 2):
+    for offset in range(1, 21):
         with engine_for(bundle, max_batch_size=4) as engine:
             outcomes, joined_at = run(join_at(engine, offset))
             stats = engine.stats()
         assert_same(outcomes, alone)
         assert stats["peak_batch_size"] == 2 and stats["prefills"] == 2
         seen_offsets.add(joined_at)
-    assert len(seen_offsets) >= 6  # really joined at many different points
+    assert len(seen_offsets) >= 10  # really joined at many different points
 
 
 def test_a_3000_token_prompt_decodes_in_one_batch_with_short_ones(
