@@ -13,7 +13,7 @@ from oai_audio_server.engine.loader import ModelBundle, load_bundle
 from oai_audio_server.engine.process import EngineProcess
 from oai_audio_server.engine.scheduler import BatchingEngine
 from oai_audio_server.engine.types import Engine
-from oai_audio_server.qwen.prompt import QwenPromptBuilder
+from oai_audio_server.models.registry import PromptBuilder
 from oai_audio_server.settings import Settings
 
 
@@ -26,7 +26,7 @@ class Runtime:
             max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="oas-audio"
         )
         self._intake: AudioIntake | None = None
-        self._prompt_builder: QwenPromptBuilder | None = None
+        self._prompt_builder: PromptBuilder | None = None
 
     @property
     def intake(self) -> AudioIntake:
@@ -35,12 +35,9 @@ class Runtime:
         return self._intake
 
     @property
-    def prompt_builder(self) -> QwenPromptBuilder:
+    def prompt_builder(self) -> PromptBuilder:
         if self._prompt_builder is None:
-            bundle = self.engine.bundle
-            self._prompt_builder = QwenPromptBuilder(
-                bundle.tokenizer, max_window_size=bundle.max_window_size
-            )
+            self._prompt_builder = self.engine.bundle.prompt_builder()
         return self._prompt_builder
 
     def start(self) -> None:
