@@ -63,7 +63,8 @@ class MelFeatureExtractor:
         filters = torch.as_tensor(np.asarray(mel_filters), dtype=torch.float32)
         if filters.ndim != 2 or filters.shape[1] != N_FFT // 2 + 1:
             raise ValueError(
-                f"mel filters must have shape (n_mels, {N_FFT // 2 + 1}), got {tuple(filters.shape)}"
+                f"mel filters must have shape (n_mels, {N_FFT // 2 + 1}), "
+                f"got {tuple(filters.shape)}"
             )
         self._filters = filters.contiguous()
         self._window = torch.hann_window(N_FFT)

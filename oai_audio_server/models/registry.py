@@ -42,7 +42,8 @@ class ModelFamily:
     title: str  # for logs and docs
     matches: Callable[[dict[str, Any]], bool]
     max_position_embeddings: Callable[[dict[str, Any]], int]
-    default_window: int  # longest prompt without generation_config.json max_window_size; 0: model length
+    # Longest prompt when generation_config.json has no max_window_size; 0: the model length.
+    default_window: int
     tokenizer: Callable[[Path], FamilyTokenizer]
     mel: Callable[[Path], MelFeatureExtractor]
     prompt_builder: Callable[[Any, Path, int], PromptBuilder]

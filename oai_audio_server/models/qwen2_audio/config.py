@@ -64,7 +64,9 @@ class Qwen2AudioConfig:
         hidden = int(text.get("hidden_size", 4096))
         heads = int(text.get("num_attention_heads", 32))
         if hidden % heads:
-            raise UnsupportedCheckpointError("hidden_size must be a multiple of num_attention_heads")
+            raise UnsupportedCheckpointError(
+                "hidden_size must be a multiple of num_attention_heads"
+            )
         if text.get("rope_scaling"):
             raise UnsupportedCheckpointError(
                 "this server runs Qwen2-Audio without rope_scaling; the checkpoint sets "

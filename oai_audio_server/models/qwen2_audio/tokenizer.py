@@ -56,7 +56,9 @@ class Qwen2AudioTokenizer:
     def from_dir(cls, model_dir: Path) -> Qwen2AudioTokenizer:
         path = Path(model_dir) / TOKENIZER_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{model_dir} has no {TOKENIZER_FILE} (Qwen2-Audio's vocabulary)")
+            raise FileNotFoundError(
+                f"{model_dir} has no {TOKENIZER_FILE} (Qwen2-Audio's vocabulary)"
+            )
         return cls(Tokenizer.from_file(str(path)))
 
     def __len__(self) -> int:
