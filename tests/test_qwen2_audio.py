@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from qwen2_tiny import build_qwen2_checkpoint, load_reference
+from qwen2_tiny import load_reference
 from test_engine_batching import all_at_once, assert_same, solo
 
 from oai_audio_server.audio.types import PreparedAudio
@@ -37,11 +37,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_qwen2_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_audio") / "ckpt", seed=0)
 
 
 @pytest.fixture(scope="module")
