@@ -31,10 +31,10 @@ CORPUS = (
 ) * 4
 
 
-def build_tokenizer(target: Path) -> Any:
-    """tokenizer.json + tokenizer_config.json in ``target``; returns the HF tokenizer."""
+def train_tokenizer() -> Any:
+    """A small byte-level BPE ``tokenizers.Tokenizer`` with Qwen2's pre-tokeniser and the
+    model's special tokens (no transformers needed)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -49,6 +49,14 @@ def build_tokenizer(target: Path) -> Any:
     )
     tok.train_from_iterator([CORPUS], trainer=trainer)
     tok.add_special_tokens(list(SPECIALS))
+    return tok
+
+
+def build_tokenizer(target: Path) -> Any:
+    """tokenizer.json + tokenizer_config.json in ``target``; returns the HF tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_tokenizer()
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=list(SPECIALS[3:]),
