@@ -54,7 +54,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(
         prog="oai-audio-server",
         description="OpenAI-compatible server for Qwen-Audio-Chat and Qwen2-Audio: chat "
-        "completions with audio input (JSON and streaming), transcriptions, models and health endpoints.",
+        "completions with audio input (JSON and streaming), transcriptions, models and "
+        "health endpoints.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
