@@ -17,6 +17,23 @@ import torch
 import torch.nn.functional as F
 
 
+def decoder_shape(config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder shapes in Qwen-Audio's config keys; a Qwen2-Audio config's
+    ``text_config`` is translated (its intermediate_size is the MLP width, Qwen-Audio's is
+    twice it; key/value heads are taken as equal to the query heads, as in the 7B)."""
+    text = config.get("text_config")
+    if not isinstance(text, dict):
+        return config
+    return {
+        "hidden_size": text["hidden_size"],
+        "num_attention_heads": text["num_attention_heads"],
+        "kv_channels": text["hidden_size"] // text["num_attention_heads"],
+        "intermediate_size": 2 * text["intermediate_size"],
+        "num_hidden_layers": text["num_hidden_layers"],
+        "vocab_size": text["vocab_size"],
+    }
+
+
 def floor_step_ms(
     config: dict[str, Any], batch: int, kv_len: int, device: torch.device,
     dtype: torch.dtype, repeats: int = 20,

@@ -1,6 +1,10 @@
 """Build a random-weight Qwen-Audio-Chat checkpoint of any size, on any device.
 
     python benchmarks/random_checkpoint.py OUT_DIR [--full-size] [--device cuda]
+        [--family qwen-audio|qwen2-audio]
+
+``--family qwen2-audio`` builds a Qwen2-Audio-7B-Instruct-shaped checkpoint instead
+(random_qwen2_checkpoint.py).
 
 ``--full-size`` uses the published model's shapes (8.4 B parameters: 32 layers of 4096,
 vocabulary 155947, a 32-layer 1280-wide audio encoder); built directly in bf16 on the GPU
@@ -89,10 +93,21 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--family", choices=("qwen-audio", "qwen2-audio"), default="qwen-audio")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    build(args.out, full_size=args.full_size, device=device, dtype=dtype)
+    build_family(args.family, args.out, full_size=args.full_size, device=device, dtype=dtype)
+
+
+def build_family(
+    family: str, out: Path, *, full_size: bool, device: torch.device, dtype: torch.dtype
+) -> Path:
+    if family == "qwen2-audio":
+        from random_qwen2_checkpoint import build_qwen2
+
+        return build_qwen2(out, full_size=full_size, device=device, dtype=dtype)
+    return build(out, full_size=full_size, device=device, dtype=dtype)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/serving_benchmark.py [MODEL_DIR] [--full-size] [--concurrency 1,8,32,64]
         [--seconds 30] [--max-tokens 128] [--audio-seconds 6] [--device auto]
+        [--family qwen-audio|qwen2-audio]
 
 Starts the server on MODEL_DIR (a subprocess on 127.0.0.1, free port) and runs
 closed-loop clients at each concurrency for ``--seconds`` (every client sends its next
@@ -36,7 +37,7 @@ TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS_DIR))
 sys.path.insert(0, str(TESTS_DIR.parent))
 
-from decode_floor import floor_step_ms  # noqa: E402
+from decode_floor import decoder_shape, floor_step_ms  # noqa: E402
 from load import closed_loop_clients, timed_closed_loop_clients  # noqa: E402
 from server_process import ServerProcess, running_server  # noqa: E402
 
@@ -269,6 +270,8 @@ def main() -> None:
                         help="KV-cache slot length for the server (prompt + answer); "
                         "0 leaves the server's default")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--family", choices=("qwen-audio", "qwen2-audio"), default="qwen-audio",
+                        help="without MODEL_DIR: which model family to build")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="CPU intra-op threads for the server (--cpu-threads)")
     args = parser.parse_args()
@@ -285,10 +288,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="oas-bench-"))
     model_dir = args.model_dir
     if model_dir is None:
-        from random_checkpoint import build
+        from random_checkpoint import build_family
 
-        if args.full_size:
-            model_dir = build(work / "full", full_size=True, device=device, dtype=dtype)
+        if args.full_size or args.family != "qwen-audio":
+            model_dir = build_family(
+                args.family, work / "full", full_size=args.full_size, device=device, dtype=dtype
+            )
         else:
             from tiny_model import build_tiny_checkpoint
 
@@ -296,7 +301,7 @@ def main() -> None:
     config = json.loads((model_dir / "config.json").read_text())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     kv_len = args.max_tokens + 64 + int(args.audio_seconds * 25)
-    floors = {c: floor_step_ms(config, c, kv_len, device, dtype) for c in levels}
+    floors = {c: floor_step_ms(decoder_shape(config), c, kv_len, device, dtype) for c in levels}
 
     flags = ["--served-model-name", MODEL, "--device", args.device,
              "--cpu-threads", str(threads),
@@ -306,8 +311,8 @@ def main() -> None:
     audio = make_audio(args.audio_seconds)
     with running_server(model_dir, work, *flags) as server:
         prompts = pick_prompts(server, args.max_tokens, wanted=8, audio=audio)
-        print(f"model {model_dir} ({config['num_hidden_layers']} layers of "
-              f"{config['hidden_size']}), device {device_name} ({dtype}), "
+        print(f"model {model_dir} ({decoder_shape(config)['num_hidden_layers']} layers of "
+              f"{decoder_shape(config)['hidden_size']}), device {device_name} ({dtype}), "
               f"{args.audio_seconds:g} s audio + question, {args.max_tokens} greedy tokens, "
               f"{args.seconds:g} s per level, {len(prompts)} questions, cpus {os.cpu_count()}\n")
         asyncio.run(closed_loop(server, prompts, 2, 4, args.max_tokens, audio))  # warm-up

@@ -54,8 +54,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     hints = typing.get_type_hints(Settings)
     parser = argparse.ArgumentParser(
         prog="oai-audio-server",
-        description="OpenAI-compatible server for Qwen-Audio-Chat: chat completions with "
-        "audio input (JSON and streaming), transcriptions, models and health endpoints.",
+        description="OpenAI-compatible server for Qwen-Audio-Chat and Qwen2-Audio: chat "
+        "completions with audio input (JSON and streaming), transcriptions, models and "
+        "health endpoints.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -23,7 +23,7 @@ from oai_audio_server.errors import (
     ShuttingDownError,
 )
 from oai_audio_server.lifecycle import Lifecycle, shutdown_error
-from oai_audio_server.qwen.prompt import QwenPromptBuilder, longest_token_bytes
+from oai_audio_server.models.registry import PromptBuilder
 from oai_audio_server.settings import Settings
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ class Runtime:
             max_workers=BODY_WORKERS, thread_name_prefix="oas-body"
         )
         self._intake: AudioIntake | None = None
-        self._prompt_builder: QwenPromptBuilder | None = None
+        self._prompt_builder: PromptBuilder | None = None
 
     @property
     def bundle(self) -> ModelBundle:
@@ -101,14 +101,9 @@ class Runtime:
         return self._intake
 
     @property
-    def prompt_builder(self) -> QwenPromptBuilder:
+    def prompt_builder(self) -> PromptBuilder:
         if self._prompt_builder is None:
-            bundle = self.bundle
-            self._prompt_builder = QwenPromptBuilder(
-                bundle.tokenizer,
-                max_window_size=bundle.max_window_size,
-                max_token_bytes=longest_token_bytes(bundle.token_bytes),
-            )
+            self._prompt_builder = self.bundle.prompt_builder()
         return self._prompt_builder
 
     async def offload(self, work: Callable[..., T], *args: Any) -> T:

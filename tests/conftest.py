@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from official_checkpoint import build_official_checkpoint, official_repo
+from qwen2_tiny import build_qwen2_checkpoint
 from server_process import ServerProcess, running_server
 from tiny_model import build_tiny_checkpoint
 
@@ -33,3 +34,9 @@ def server(
         "--max-body-bytes", str(8 * 1024 * 1024),
     ) as process:
         yield process
+
+
+@pytest.fixture(scope="session")
+def qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2-Audio checkpoint written by transformers' own classes."""
+    return build_qwen2_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_audio") / "ckpt", seed=0)

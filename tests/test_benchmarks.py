@@ -49,3 +49,14 @@ def test_soak_runs_clean(tiny_checkpoint: Path) -> None:
     assert table_rows(output, "answered") == [["answered", "20 of 20"]], output
     assert table_rows(output, "errors") == [["errors", "0 (warm-up 0)"]], output
     assert table_rows(output, "leaked temp files") == [["leaked temp files", "0"]], output
+
+
+def test_serving_benchmark_builds_and_runs_a_qwen2_audio_checkpoint() -> None:
+    """The GPU benchmark's path for Qwen2-Audio (random weights, built by our own model
+    class; here the tiny shapes on the CPU)."""
+    output = run("serving_benchmark.py", "--family", "qwen2-audio", "--concurrency", "2",
+                 "--seconds", "1.5", "--max-tokens", "8", "--audio-seconds", "1",
+                 "--torch-threads", "1")
+    (row,) = table_rows(output, "2")
+    assert int(row[1]) >= 1 and row[2] == "0", output
+    assert float(row[3]) > 0, output

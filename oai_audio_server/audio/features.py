@@ -53,13 +53,32 @@ class MelFeatureExtractor:
     Stateless after construction, so one instance may serve many threads.
     """
 
-    def __init__(self, mel_filters: np.ndarray | torch.Tensor) -> None:
+    def __init__(
+        self, mel_filters: np.ndarray | torch.Tensor, *, round_up_frames: bool = False
+    ) -> None:
+        """``mel_filters`` [n_mels, 201]: 80 for Qwen-Audio, 128 for Qwen2-Audio.
+        ``round_up_frames``: an audio of n samples counts ceil(n / 160) mel frames (the
+        attention mask of transformers' WhisperFeatureExtractor) instead of n // 160 (the
+        official Qwen-Audio code)."""
         filters = torch.as_tensor(np.asarray(mel_filters), dtype=torch.float32)
-        expected = (N_MELS, N_FFT // 2 + 1)
-        if tuple(filters.shape) != expected:
-            raise ValueError(f"mel filters must have shape {expected}, got {tuple(filters.shape)}")
+        if filters.ndim != 2 or filters.shape[1] != N_FFT // 2 + 1:
+            raise ValueError(
+                f"mel filters must have shape (n_mels, {N_FFT // 2 + 1}), "
+                f"got {tuple(filters.shape)}"
+            )
         self._filters = filters.contiguous()
         self._window = torch.hann_window(N_FFT)
+        self._round_up_frames = round_up_frames
+
+    @property
+    def n_mels(self) -> int:
+        return int(self._filters.shape[0])
+
+    def mel_frames(self, samples: int) -> int:
+        """Mel frames of real audio (not padding) in ``samples`` samples."""
+        if self._round_up_frames:
+            return -(-samples // HOP_LENGTH)
+        return samples // HOP_LENGTH
 
     @classmethod
     def from_checkpoint(cls, model_dir: pathlib.Path) -> MelFeatureExtractor:
@@ -68,7 +87,7 @@ class MelFeatureExtractor:
             return cls(archive[MEL_FILTERS_KEY])
 
     def log_mel(self, samples_16k: np.ndarray) -> torch.Tensor:
-        """The [80, 3000] float32 log-mel of ``samples_16k`` padded with zeros to 30 s."""
+        """The [n_mels, 3000] float32 log-mel of ``samples_16k`` padded with zeros to 30 s."""
         count = int(samples_16k.shape[0])
         if count > MAX_SEGMENT_SAMPLES:
             raise ValueError(f"a segment holds at most {MAX_SEGMENT_SAMPLES} samples, got {count}")
@@ -94,7 +113,7 @@ class MelFeatureExtractor:
     ) -> AudioSegmentFeatures:
         count = int(samples_16k.shape[0])
         mel = self.log_mel(samples_16k)
-        after_cnn = length_after_cnn(count // HOP_LENGTH)
+        after_cnn = length_after_cnn(self.mel_frames(count))
         return AudioSegmentFeatures(
             mel=mel,
             length_after_cnn=after_cnn,

@@ -11,9 +11,9 @@ import torch
 class AudioSegmentFeatures:
     """One segment of at most 30 s, ready for the audio encoder."""
 
-    mel: torch.Tensor  # [80, 3000] float32, CPU
+    mel: torch.Tensor  # [n_mels, 3000] float32, CPU
     length_after_cnn: int
-    token_count: int  # audio tokens; the prompt span is token_count + 2 (<audio> ... </audio>)
+    token_count: int  # audio tokens; the prompt span is token_count + 2 (start/end tags)
     start_seconds: float
     end_seconds: float
 

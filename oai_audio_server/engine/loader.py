@@ -1,9 +1,9 @@
 """Finding, loading and describing the checkpoint.
 
 The model runs in this package's own code (``oai_audio_server.models``) on the
-checkpoint's weight files, tokenizer vocabulary (``qwen.tiktoken``) and mel filters; no
-remote code is imported or run, so any Qwen-Audio-Chat checkpoint or fine-tune with the
-published layout works.
+checkpoint's weight files, tokenizer vocabulary and audio front end; no remote code is
+imported or run. The family (Qwen-Audio or Qwen2-Audio) comes from config.json
+(``models/registry.py``), so any checkpoint or fine-tune with a published layout works.
 """
 
 from __future__ import annotations
@@ -20,10 +20,14 @@ import torch
 
 from oai_audio_server.audio.features import MelFeatureExtractor
 from oai_audio_server.errors import ContextLengthExceededError
+from oai_audio_server.models.base import EngineModel
 from oai_audio_server.models.checkpoint import read_config
-from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
-from oai_audio_server.models.qwen_audio.model import QwenAudioModel
-from oai_audio_server.models.qwen_audio.tokenizer import QwenAudioTokenizer
+from oai_audio_server.models.registry import (
+    FamilyTokenizer,
+    PromptBuilder,
+    detect_family,
+    family_named,
+)
 from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,8 +84,8 @@ class SamplingDefaults:
 
 @dataclass
 class ModelBundle:
-    model: QwenAudioModel | None  # None in a process that only prepares requests
-    tokenizer: QwenAudioTokenizer
+    model: EngineModel | None  # None in a process that only prepares requests
+    tokenizer: FamilyTokenizer
     model_dir: Path
     device: torch.device
     dtype: torch.dtype
@@ -92,10 +96,16 @@ class ModelBundle:
     max_model_len: int
     defaults: SamplingDefaults
     mel: MelFeatureExtractor
+    family: str = "qwen-audio"  # models/registry.py
 
     @property
     def vocab_limit(self) -> int:
         return len(self.token_bytes)
+
+    def prompt_builder(self) -> PromptBuilder:
+        """The family's prompt builder for this checkpoint."""
+        family = family_named(self.family)
+        return family.prompt_builder(self.tokenizer, self.model_dir, self.max_window_size)
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class ModelInfo:
     max_window_size: int
     max_model_len: int
     defaults: SamplingDefaults
+    family: str = "qwen-audio"
 
     @classmethod
     def of(cls, bundle: ModelBundle) -> ModelInfo:
@@ -119,12 +130,13 @@ class ModelInfo:
 def load_front_bundle(info: ModelInfo) -> ModelBundle:
     """The tokenizer and audio features without the weights: for the HTTP process when
     the model runs in an engine process (``model`` is None)."""
-    tokenizer = QwenAudioTokenizer.from_dir(info.model_dir)
+    family = family_named(info.family)
+    tokenizer = family.tokenizer(info.model_dir)
     return ModelBundle(
         model=None,
         tokenizer=tokenizer,
         token_bytes=tokenizer.token_bytes(),
-        mel=MelFeatureExtractor.from_checkpoint(info.model_dir),
+        mel=family.mel(info.model_dir),
         **{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
     )
 
@@ -166,19 +178,21 @@ def _read_generation_config(model_dir: Path) -> dict[str, Any]:
 
 def load_bundle(settings: Settings) -> ModelBundle:
     model_dir = resolve_model_dir(settings.model, settings.download_dir, settings.hub)
-    config = QwenAudioConfig.from_dict(read_config(model_dir))
-    tokenizer = QwenAudioTokenizer.from_dir(model_dir)
+    raw_config = read_config(model_dir)
+    family = detect_family(raw_config)
+    tokenizer = family.tokenizer(model_dir)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(cpu_thread_count(settings.cpu_threads))
     generation_config = _read_generation_config(model_dir)
-    max_window = int(generation_config.get("max_window_size") or 6144)
-    max_model_len = settings.max_model_len or max(config.max_position_embeddings, max_window)
-    logger.info("loading %s on %s as %s", model_dir, device, dtype)
-    model = QwenAudioModel.load(
-        model_dir, config, max_len=max_model_len, device=device, dtype=dtype
+    positions = family.max_position_embeddings(raw_config)
+    max_window = int(generation_config.get("max_window_size") or 0) or (
+        family.default_window or positions
     )
+    max_model_len = settings.max_model_len or max(positions, max_window)
+    logger.info("loading %s (%s) on %s as %s", model_dir, family.title, device, dtype)
+    model = family.load_model(model_dir, raw_config, max_model_len, device, dtype)
 
     eos = generation_config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -196,5 +210,6 @@ def load_bundle(settings: Settings) -> ModelBundle:
         max_window_size=max_window,
         max_model_len=max_model_len,
         defaults=_sampling_defaults(generation_config),
-        mel=MelFeatureExtractor.from_checkpoint(model_dir),
+        mel=family.mel(model_dir),
+        family=family.name,
     )
