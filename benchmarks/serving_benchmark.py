@@ -38,7 +38,7 @@ sys.path.insert(0, str(TESTS_DIR))
 sys.path.insert(0, str(TESTS_DIR.parent))
 
 from decode_floor import decoder_shape, floor_step_ms  # noqa: E402
-from load import closed_loop_clients, timed_closed_loop_clients  # noqa: E402
+from load import closed_loop_clients  # noqa: E402
 from server_process import ServerProcess, running_server  # noqa: E402
 
 MODEL = "bench"
@@ -199,7 +199,7 @@ async def closed_loop(
 
     before = engine_counters(server)
     if seconds is not None:
-        wall = await timed_closed_loop_clients(seconds, concurrency, send)
+        wall = await closed_loop_clients(100_000, concurrency, send, seconds=seconds)
     else:
         wall = await closed_loop_clients(requests, concurrency, send)
     after = engine_counters(server)

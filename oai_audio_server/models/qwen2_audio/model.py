@@ -12,7 +12,12 @@ from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.engine.kv_cache import KVLayout, SlotKVCache
-from oai_audio_server.models.checkpoint import iter_tensors
+from oai_audio_server.models.common import (
+    last_positions,
+    load_named_weights,
+    right_padded,
+    visible_positions,
+)
 from oai_audio_server.models.qwen2_audio.audio_encoder import Projector, Qwen2AudioTower
 from oai_audio_server.models.qwen2_audio.config import Qwen2AudioConfig
 from oai_audio_server.models.qwen2_audio.decoder import Qwen2Decoder, rotary_tables
@@ -51,20 +56,9 @@ class Qwen2AudioModel(nn.Module):
         """Built on the meta device; every parameter is then the checkpoint's tensor."""
         with torch.device("meta"):
             model = cls(config, max_len)
-        expected = dict(model.state_dict())
-        loaded: dict[str, torch.Tensor] = {}
-        for name, tensor in iter_tensors(model_dir, device):
-            if name in expected:
-                loaded[name] = tensor.to(device=device, dtype=dtype)
-        if LM_HEAD not in loaded and config.text.tie_word_embeddings and EMBED in loaded:
-            loaded[LM_HEAD] = loaded[EMBED]
-        missing = sorted(set(expected) - set(loaded))
-        if missing:
-            raise ValueError(
-                f"{model_dir} lacks {len(missing)} tensors of a Qwen2-Audio checkpoint, e.g. "
-                f"{', '.join(missing[:3])}"
-            )
-        model.load_state_dict(loaded, strict=False, assign=True)
+        tied = {LM_HEAD: EMBED} if config.text.tie_word_embeddings else {}
+        load_named_weights(model, model_dir, family="Qwen2-Audio", device=device, dtype=dtype,
+                           aliases=tied)
         cos, sin = rotary_tables(config.text, max_len)
         model.cos, model.sin = cos.to(device), sin.to(device)
         return model.requires_grad_(False).eval()
@@ -94,11 +88,7 @@ class Qwen2AudioModel(nn.Module):
         """Token embeddings [rows, longest, hidden] (right-padded); each run of
         ``<|AUDIO|>`` tokens replaced by its audio's embeddings, in order."""
         device = self.cos.device
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        embeds = self.language_model.model.embed_tokens(ids.to(device))
+        embeds = self.language_model.model.embed_tokens(right_padded(prompts, device))
         segments = [segment for row_audio in audio for segment in row_audio]
         if not segments:
             return embeds
@@ -134,10 +124,8 @@ class Qwen2AudioModel(nn.Module):
         hidden = self.language_model.model.prefill(
             embeds, cos, sin, cache.keys, cache.values, slot_index
         )
-        last = torch.tensor([n - 1 for n in lengths], device=device)
-        final = hidden[torch.arange(len(prompts), device=device), last]
         state = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        return self.language_model.lm_head(final).float(), state
+        return self.language_model.lm_head(last_positions(hidden, lengths)).float(), state
 
     def decode(
         self,
@@ -149,8 +137,8 @@ class Qwen2AudioModel(nn.Module):
     ) -> torch.Tensor:
         cos = self.cos[positions][:, None, None, :]
         sin = self.sin[positions][:, None, None, :]
-        visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
         hidden = self.language_model.model.decode(
-            tokens, cos, sin, cache.keys, cache.values, positions, visible[:, None, None, :]
+            tokens, cos, sin, cache.keys, cache.values, positions,
+            visible_positions(positions, kv_len),
         )
         return self.language_model.lm_head(hidden).float()

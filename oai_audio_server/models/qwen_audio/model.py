@@ -12,7 +12,12 @@ from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.engine.kv_cache import KVLayout, SlotKVCache
-from oai_audio_server.models.checkpoint import iter_tensors
+from oai_audio_server.models.common import (
+    last_positions,
+    load_named_weights,
+    right_padded,
+    visible_positions,
+)
 from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
 from oai_audio_server.models.qwen_audio.decoder import QwenDecoder, RotaryTables
 
@@ -41,18 +46,8 @@ class QwenAudioModel(nn.Module):
         parameters, no second copy."""
         with torch.device("meta"):
             model = cls(config, max_len)
-        expected = dict(model.state_dict())
-        loaded: dict[str, torch.Tensor] = {}
-        for name, tensor in iter_tensors(model_dir, device):
-            if name in expected:
-                loaded[name] = tensor.to(device=device, dtype=dtype)
-        missing = sorted(set(expected) - set(loaded) - _OPTIONAL)
-        if missing:
-            raise ValueError(
-                f"{model_dir} lacks {len(missing)} tensors of a Qwen-Audio checkpoint, e.g. "
-                f"{', '.join(missing[:3])}"
-            )
-        model.load_state_dict(loaded, strict=False, assign=True)
+        loaded = load_named_weights(model, model_dir, family="Qwen-Audio", device=device,
+                                    dtype=dtype, optional=_OPTIONAL)
         # What the checkpoint did not hold is computed here (never random).
         with torch.device(device):
             fresh = RotaryTables(config, max_len)
@@ -83,12 +78,7 @@ class QwenAudioModel(nn.Module):
         """Token embeddings [rows, longest, hidden] (right-padded), each ``<audio>`` ...
         ``</audio>`` span replaced by its audio's encoder output. All audios of all rows
         go through the encoder as one batch."""
-        device = self.lm_head.weight.device
-        longest = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        embeds = self.transformer.wte(ids.to(device))
+        embeds = self.transformer.wte(right_padded(prompts, self.lm_head.weight.device))
         segments = [segment for row_audio in audio for segment in row_audio]
         if not segments:
             return embeds
@@ -134,9 +124,7 @@ class QwenAudioModel(nn.Module):
         hidden = self.transformer.prefill(
             embeds, cos, sin, logn, cache.keys, cache.values, slot_index
         )
-        last = torch.tensor([n - 1 for n in lengths], device=device)
-        final = hidden[torch.arange(len(prompts), device=device), last]
-        return self.lm_head(final).float(), state
+        return self.lm_head(last_positions(hidden, lengths)).float(), state
 
     def decode(
         self,
@@ -147,9 +135,8 @@ class QwenAudioModel(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         cos, sin, logn = self.rotary.lookup(row_state, positions[:, None])
-        visible = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
         hidden = self.transformer.decode(
             tokens, cos, sin, logn, cache.keys, cache.values, positions,
-            visible[:, None, None, :],
+            visible_positions(positions, kv_len),
         )
         return self.lm_head(hidden).float()
