@@ -65,8 +65,11 @@ def test_rejects_more_than_30_seconds(extractor: MelFeatureExtractor) -> None:
 
 
 def test_rejects_filters_of_the_wrong_shape() -> None:
-    with pytest.raises(ValueError):
-        MelFeatureExtractor(np.zeros((128, 201), np.float32))
+    # Any mel count (80 for Qwen-Audio, 128 for Qwen2-Audio) over the 201 STFT bins.
+    assert MelFeatureExtractor(np.zeros((128, 201), np.float32)).n_mels == 128
+    for shape in ((80, 200), (80, 201, 1), (201,)):
+        with pytest.raises(ValueError):
+            MelFeatureExtractor(np.zeros(shape, np.float32))
 
 
 def test_from_checkpoint_reads_mel_80(checkpoint_dir: pathlib.Path) -> None:
