@@ -75,7 +75,8 @@ class ChatCompletionRequest(Struct, frozen=True):
     max_completion_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    # Beyond any vocabulary it keeps every token, like 0; bounded so it fits a tensor.
+    top_k: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     stop: str | list[str] | None = None
     # torch generators take 64-bit seeds; larger ones are a 400, not a crash.
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None

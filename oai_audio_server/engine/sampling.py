@@ -33,6 +33,9 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
+TOP_K_LIMIT = 2**31 - 1
+
+
 @dataclass
 class RowSampling:
     params: SamplingParams
@@ -84,7 +87,10 @@ class SamplingPlan:
         params = [rows[i].params for i in self.sampled]
         self.sampled_index = torch.tensor(self.sampled, dtype=torch.long, device=device)
         self.temperature = torch.tensor([p.temperature for p in params], device=device)
-        self.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+        # A top-k past the vocabulary keeps everything; clamped so any int fits the tensor.
+        self.top_k = torch.tensor(
+            [min(max(p.top_k, 0), TOP_K_LIMIT) for p in params], dtype=torch.long, device=device
+        )
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
         self.any_top_k = any(p.top_k > 0 for p in params)
         self.any_top_p = any(p.top_p < 1.0 for p in params)

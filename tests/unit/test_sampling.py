@@ -86,3 +86,13 @@ def test_coalesce_joins_adjacent_text_only() -> None:
         TextDelta("ab"), end, TextDelta("c")
     ]
     assert coalesce([]) == []
+
+
+def test_a_top_k_beyond_any_tensor_keeps_every_token_and_fails_nobody() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 2))
+    huge = SamplingParams(max_tokens=1, temperature=1.0, top_k=2**64, seed=1)
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    rows = rows_of(huge, greedy)
+    plan = SamplingPlan(rows, CPU)  # building the batch's tensors does not overflow
+    assert plan.top_k.tolist() == [2**31 - 1]
+    assert run(logits, rows)[1] == 0

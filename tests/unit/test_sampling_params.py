@@ -73,3 +73,14 @@ def test_limits() -> None:
     with pytest.raises(InvalidRequestError) as error:
         reject_unsupported(req(n=2))  # before any audio is decoded
     assert error.value.param == "n"
+
+
+def test_top_k_past_a_32_bit_int_is_a_400_naming_the_field() -> None:
+    import msgspec
+    import pytest as _pytest
+
+    from oai_audio_server.protocol import chat_request_decoder
+
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"top_k":9223372036854775808}'
+    with _pytest.raises(msgspec.ValidationError, match="top_k"):
+        chat_request_decoder.decode(body)
