@@ -503,7 +503,9 @@ def test_a_3000_token_prompt_decodes_in_one_batch_with_short_ones(
     alone = solo(bundle, requests)
     batched, stats = all_at_once(bundle, requests)
     assert_same(batched, alone)
-    assert stats["peak_batch_size"] == 3 and stats["prefills"] == 1
+    # The padded prefill budget (8192) takes the long prompt with one short one; the
+    # other short one joins at the next step, and all three decode together.
+    assert stats["peak_batch_size"] == 3 and stats["prefills"] == 2
 
 
 def test_a_full_cache_makes_admissions_wait_not_fail(

@@ -29,8 +29,9 @@ def plan_admission(
     """Indices (into ``waiting``) of the requests to prefill now, in queue order.
 
     - at most the free slots (``capacity - running``);
-    - at most ``max_prefill_tokens`` prompt tokens in one prefill, but always the first
-      waiting request when a slot is free (a long prompt is never stuck);
+    - at most ``max_prefill_tokens`` padded prompt tokens in one prefill (the prompts are
+      right-padded to the longest, so rows x longest counts), but always the first waiting
+      request when a slot is free (a long prompt is never stuck);
     - while a batch runs and the queue holds fewer requests than free slots, requests
       wait up to ``join_wait_steps`` decode steps for company, so that requests arriving
       close together share one prefill (each prefill pauses every running row once).
@@ -42,12 +43,13 @@ def plan_admission(
     if gathering and all(w.waited_steps < join_wait_steps for w in waiting):
         return []
     chosen: list[int] = []
-    tokens = 0
+    longest = 0
     for index, request in enumerate(waiting):
         if len(chosen) == free:
             break
-        if chosen and tokens + request.prompt_len > max_prefill_tokens:
+        padded = (len(chosen) + 1) * max(longest, request.prompt_len)
+        if chosen and padded > max_prefill_tokens:
             break
         chosen.append(index)
-        tokens += request.prompt_len
+        longest = max(longest, request.prompt_len)
     return chosen

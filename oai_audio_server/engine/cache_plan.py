@@ -54,6 +54,7 @@ def plan_cache(
     if options.kv_cache_memory_mb > 0:
         budget = options.kv_cache_memory_mb * MIB
     elif device.type == "cuda":
+        torch.cuda.empty_cache()  # memory freed while loading is not in use
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
         budget = int(total * options.gpu_memory_fraction) - used - GPU_RESERVE_BYTES

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,32 +102,42 @@ class ModelRunner:
         self.cache.move(source, target, length)
         self.rows.move(source, target)
 
+    def _capture(self, batch: int, kv_len: int, pool: Any) -> _Graph:
+        rows = self.rows
+        args = (
+            rows.tokens[:batch], rows.positions[:batch], rows.row_state[:batch],
+            self.cache, kv_len,
+        )
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up outside the graph (allocator, kernel choice)
+                self.model.decode(*args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self.model.decode(*args)
+        return _Graph(graph, logits)
+
     def _capture_graphs(self) -> None:
         """Capture every (batch size, KV length) pair, largest first so that smaller
-        graphs reuse the memory pool. A failure leaves the rest eager, and says so."""
+        graphs reuse the memory pool. A shape whose capture fails runs eagerly, and the
+        log says which."""
         pool = torch.cuda.graph_pool_handle()
         rows = self.rows
         rows.clear_from(0)
-        try:
-            for batch in sorted(self.batch_buckets, reverse=True):
-                for kv_len in sorted(self.kv_buckets, reverse=True):
-                    args = (
-                        rows.tokens[:batch], rows.positions[:batch], rows.row_state[:batch],
-                        self.cache, kv_len,
-                    )
-                    stream = torch.cuda.Stream(self.device)
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(stream):
-                        self.model.decode(*args)  # warm-up outside the graph
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self.model.decode(*args)
-                    self._graphs[(batch, kv_len)] = _Graph(graph, logits)
-        except Exception as exc:  # capture is an optimisation: run eagerly instead
+        failed: list[str] = []
+        for batch in sorted(self.batch_buckets, reverse=True):
+            for kv_len in sorted(self.kv_buckets, reverse=True):
+                try:
+                    self._graphs[(batch, kv_len)] = self._capture(batch, kv_len, pool)
+                except Exception as exc:  # an optimisation: this shape runs eagerly
+                    failed.append(f"{batch}x{kv_len} ({type(exc).__name__}: {exc})")
+        if failed:
             logger.warning(
-                "CUDA graph capture failed (%s: %s); decode steps not captured run eagerly",
-                type(exc).__name__, exc,
+                "CUDA graph capture failed for %d of %d shapes (batch x KV length), which "
+                "run eagerly: %s", len(failed), len(failed) + len(self._graphs),
+                "; ".join(failed[:3]),
             )
         torch.cuda.synchronize(self.device)
         logger.info(

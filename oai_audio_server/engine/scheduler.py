@@ -281,6 +281,10 @@ class BatchingEngine:
     def _run(self) -> None:
         try:
             bundle = self._load()
+            if bundle.device.type == "cuda":
+                # Graph capture and every kernel of this thread on the model's GPU (a
+                # capture stream on another device would record nothing).
+                torch.cuda.set_device(bundle.device)
             with torch.inference_mode():  # the cache and the captured graphs
                 runner = self._make_runner(bundle)
         except BaseException as exc:  # reported by /health; the thread ends
@@ -527,10 +531,12 @@ class BatchingEngine:
         bundle = self.bundle
         started = time.perf_counter()
         count = len(rows)
-        logits = runner.decode(count, max(row.position for row in rows))
         samplers = [row.sampling for row in rows]
         if self._plan is None:
+            # Built before the step is queued: its host-to-device copies then do not wait
+            # for the forward pass.
             self._plan = SamplingPlan(samplers, bundle.device)
+        logits = runner.decode(count, max(row.position for row in rows))
         chosen = sample(logits, samplers, self._plan)
         runner.rows.advance(count, chosen)
         tokens = chosen.tolist()  # the step's one wait for the device

@@ -33,6 +33,17 @@ def test_prefill_budget_bounds_one_pass_but_never_blocks_the_first() -> None:
     assert plan([Waiting(5000), Waiting(10)]) == [0]
 
 
+def test_the_budget_counts_padding_to_the_longest_prompt() -> None:
+    # One pass pads every prompt to the longest: 1 x 600 + 127 x 16 tokens would be a
+    # 128 x 600 pass. The budget of 1000 holds one row of 600, or 62 rows of 16.
+    assert plan([Waiting(600)] + [Waiting(16)] * 127, capacity=128) == [0]
+    assert plan([Waiting(16)] * 100, capacity=128) == list(range(62))
+    assert plan([Waiting(16)] * 3 + [Waiting(400)], capacity=128) == [0, 1, 2]
+    assert plan([Waiting(16)] * 2 + [Waiting(400)], capacity=128, max_prefill_tokens=1200) == [
+        0, 1, 2
+    ]
+
+
 def test_gathering_waits_a_few_steps_while_a_batch_runs() -> None:
     young = [Waiting(10, waited_steps=1)]
     assert plan(young, running=2, join_wait_steps=2) == []
