@@ -149,8 +149,8 @@ class Settings:
     )
     max_prefill_tokens: int = _setting(
         8192,
-        "Most prompt tokens started in one prefill pass (running rows wait for it); a "
-        "longer single prompt still starts alone.",
+        "Most tokens in one prefill pass, counted after padding to its longest prompt "
+        "(running rows wait for it); a longer single prompt still starts alone.",
         "engine",
     )
     max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.", "engine")
