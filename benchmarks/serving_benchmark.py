@@ -162,18 +162,6 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     return Sample(ttft if ttft is not None else latency, latency, tokens)
 
 
-async def one_json_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any]
-) -> Sample:
-    """A non-streamed request: like model.chat, the answer arrives whole (no TTFT)."""
-    start = time.perf_counter()
-    reply = await client.post(url, json=body)
-    if reply.status_code != 200:
-        raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]!r}")
-    latency = time.perf_counter() - start
-    return Sample(latency, latency, reply.json()["usage"]["completion_tokens"])
-
-
 async def closed_loop(
     server: ServerProcess,
     prompts: list[str],
@@ -181,7 +169,6 @@ async def closed_loop(
     requests: int,
     max_tokens: int,
     audio: str | None = None,
-    stream: bool = True,
     seconds: float | None = None,
 ) -> LevelResult:
     url = server.api_url + "/chat/completions"
@@ -190,9 +177,9 @@ async def closed_loop(
 
     async def send(client: httpx.AsyncClient, index: int) -> None:
         nonlocal errors
-        body = chat_body(prompts[index % len(prompts)], max_tokens, stream=stream, audio=audio)
+        body = chat_body(prompts[index % len(prompts)], max_tokens, stream=True, audio=audio)
         try:
-            samples.append(await (one_request if stream else one_json_request)(client, url, body))
+            samples.append(await one_request(client, url, body))
         except Exception as exc:  # counted and reported, never hidden
             errors += 1
             print(f"  request {index} failed: {exc}", file=sys.stderr)
@@ -213,24 +200,6 @@ def rows_per_step(result: LevelResult) -> float:
     steps = result.engine["decode_steps"]
     decoded = result.engine["completion_tokens"] - len(result.samples)
     return decoded / steps if steps else float("nan")
-
-
-def print_table(results: list[LevelResult], mode: str) -> None:
-    print(f"{mode}:")
-    header = (f"| {'clients':>7} | {'requests':>8} | {'errors':>6} | {'req/s':>7} | "
-              f"{'tokens/s':>9} | {'TTFT p50':>9} | {'TTFT p95':>9} | {'lat p50':>8} | "
-              f"{'lat p95':>8} | {'prefills':>8} | {'rows/step':>9} |")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for r in results:
-        ttfts = [s.ttft * 1000 for s in r.samples]
-        lats = [s.latency * 1000 for s in r.samples]
-        print(f"| {r.concurrency:>7} | {len(r.samples):>8} | {r.errors:>6} | "
-              f"{len(r.samples) / r.wall:>7.2f} | {r.tokens / r.wall:>9.1f} | "
-              f"{percentile(ttfts, 50):>7.1f}ms | {percentile(ttfts, 95):>7.1f}ms | "
-              f"{percentile(lats, 50):>6.1f}ms | {percentile(lats, 95):>6.1f}ms | "
-              f"{r.engine['prefills']:>8.0f} | {rows_per_step(r):>9.2f} |")
-    print()
 
 
 def decode_step_ms(result: LevelResult) -> float:

@@ -103,9 +103,15 @@ class ModelBundle:
         return len(self.token_bytes)
 
     def prompt_builder(self) -> PromptBuilder:
-        """The family's prompt builder for this checkpoint."""
+        """The family's prompt builder for this checkpoint (the token table it bounds
+        text with is the bundle's own, not built again)."""
+        from oai_audio_server.qwen.prompt import longest_token_bytes
+
         family = family_named(self.family)
-        return family.prompt_builder(self.tokenizer, self.model_dir, self.max_window_size)
+        return family.prompt_builder(
+            self.tokenizer, self.model_dir, self.max_window_size,
+            longest_token_bytes(self.token_bytes),
+        )
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ class ModelFamily:
     default_window: int
     tokenizer: Callable[[Path], FamilyTokenizer]
     mel: Callable[[Path], MelFeatureExtractor]
-    prompt_builder: Callable[[Any, Path, int], PromptBuilder]
+    # (tokenizer, checkpoint directory, window, most bytes one token stands for)
+    prompt_builder: Callable[[Any, Path, int, int], PromptBuilder]
     load_model: Callable[[Path, dict[str, Any], int, torch.device, torch.dtype], EngineModel]
 
 
@@ -58,7 +59,7 @@ def _qwen_audio() -> ModelFamily:
     from oai_audio_server.models.qwen_audio.config import QwenAudioConfig, is_qwen_audio
     from oai_audio_server.models.qwen_audio.model import QwenAudioModel
     from oai_audio_server.models.qwen_audio.tokenizer import QwenAudioTokenizer
-    from oai_audio_server.qwen.prompt import QwenPromptBuilder, longest_token_bytes
+    from oai_audio_server.qwen.prompt import QwenPromptBuilder
 
     def load(
         model_dir: Path, raw: dict[str, Any], max_len: int, device: torch.device,
@@ -75,8 +76,8 @@ def _qwen_audio() -> ModelFamily:
         default_window=6144,
         tokenizer=QwenAudioTokenizer.from_dir,
         mel=MelFeatureExtractor.from_checkpoint,
-        prompt_builder=lambda tok, _dir, window: QwenPromptBuilder(
-            tok, max_window_size=window, max_token_bytes=longest_token_bytes(tok.token_bytes())
+        prompt_builder=lambda tok, _dir, window, token_bytes: QwenPromptBuilder(
+            tok, max_window_size=window, max_token_bytes=token_bytes
         ),
         load_model=load,
     )
@@ -106,7 +107,9 @@ def _qwen2_audio() -> ModelFamily:
         default_window=0,  # no window of its own: the model length is the limit
         tokenizer=Qwen2AudioTokenizer.from_dir,
         mel=qwen2_mel_extractor,
-        prompt_builder=lambda tok, model_dir, _window: Qwen2PromptBuilder.from_dir(tok, model_dir),
+        prompt_builder=lambda tok, model_dir, _window, token_bytes: Qwen2PromptBuilder.from_dir(
+            tok, model_dir, max_token_bytes=token_bytes
+        ),
         load_model=load,
     )
 

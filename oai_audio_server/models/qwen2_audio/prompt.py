@@ -27,18 +27,22 @@ from oai_audio_server.models.qwen2_audio.tokenizer import (
     Qwen2AudioTokenizer,
 )
 from oai_audio_server.qwen.conversation import AudioItem, Conversation, TextItem, UserItem
-from oai_audio_server.qwen.prompt import Prompt, longest_token_bytes
+from oai_audio_server.qwen.prompt import Prompt
 
 
 class Qwen2PromptBuilder:
-    def __init__(self, tokenizer: Qwen2AudioTokenizer, template: str) -> None:
-        self.max_token_bytes = longest_token_bytes(tokenizer.token_bytes())
+    def __init__(
+        self, tokenizer: Qwen2AudioTokenizer, template: str, *, max_token_bytes: int = 0
+    ) -> None:
+        self.max_token_bytes = max_token_bytes  # 0: no bound before tokenising
         self._tokenizer = tokenizer
         self._renderer = TemplateRenderer(template, list(tokenizer.special_tokens))
 
     @classmethod
-    def from_dir(cls, tokenizer: Qwen2AudioTokenizer, model_dir: Path) -> Qwen2PromptBuilder:
-        return cls(tokenizer, load_template(model_dir))
+    def from_dir(
+        cls, tokenizer: Qwen2AudioTokenizer, model_dir: Path, *, max_token_bytes: int = 0
+    ) -> Qwen2PromptBuilder:
+        return cls(tokenizer, load_template(model_dir), max_token_bytes=max_token_bytes)
 
     @staticmethod
     def _user_message(
