@@ -87,6 +87,12 @@ class Settings:
         "s",
     )
     max_audios_per_request: int = _setting(16, "Most audio items in one request.", "limits")
+    max_messages: int = _setting(
+        2048,
+        "Most messages in one chat request (the window holds far fewer turns; older ones "
+        "are dropped); 0 = no limit.",
+        "limits",
+    )
     max_tokens_limit: int = _setting(2048, "Upper bound for max_tokens in any request.", "limits")
     request_timeout: float = _setting(
         600.0, "Seconds a request may wait and run in all.", "limits", "s"

@@ -51,6 +51,14 @@ def test_soak_runs_clean(tiny_checkpoint: Path) -> None:
     assert table_rows(output, "leaked temp files") == [["leaked temp files", "0"]], output
 
 
+def test_loop_stalls_benchmark_runs(tiny_checkpoint: Path) -> None:
+    output = run("loop_stalls.py", str(tiny_checkpoint), "--cases", "cjk-text")
+    (row,) = [cells for cells in (line.strip("|").split("|") for line in output.splitlines())
+              if "CJK" in cells[0]]
+    assert row[1].strip() == "400", output  # refused: the text cannot fit
+    assert row[3].strip().startswith(("<=", ">")) and float(row[4]) > 0, output
+
+
 def test_serving_benchmark_builds_and_runs_a_qwen2_audio_checkpoint() -> None:
     """The GPU benchmark's path for Qwen2-Audio (random weights, built by our own model
     class; here the tiny shapes on the CPU)."""

@@ -1,8 +1,10 @@
-"""Issue #15 over real HTTP: huge bodies are refused without holding the event loop
-(/health keeps answering within 200 ms), and a body that does not arrive is a 408."""
+"""Issue #15 over real HTTP: huge bodies are answered or refused without holding the
+event loop (/health keeps answering within 200 ms), and a body that does not arrive is
+a 408."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -13,7 +15,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import msgspec
+import numpy as np
 import pytest
+from media import wav_bytes
 from server_process import ServerProcess, running_server
 
 MODEL = "qwen-audio-chat"
@@ -102,6 +106,85 @@ def test_a_45_mb_percent_encoded_data_uri_is_decoded_off_the_loop(
     assert replies[0].status_code == 400, replies[0].text
     assert replies[0].json()["error"]["code"] == "invalid_audio"
     assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
+
+
+def noise_wav_base64(seconds: float, rate: int = 16000, channels: int = 1) -> str:
+    samples = np.random.default_rng(0).uniform(-0.3, 0.3, int(seconds * rate) * channels)
+    return base64.b64encode(wav_bytes(samples.astype(np.float32), rate, channels)).decode()
+
+
+def test_a_legal_44_mib_audio_body_is_answered_without_holding_the_loop(
+    big_server: ServerProcess,
+) -> None:
+    parts: list[object] = [{"type": "text", "text": "What do you hear?"}]
+    for seconds in (142.0, 53.0):  # 44.1 kHz stereo WAVs of 24 and 9 MiB
+        parts.append({"type": "input_audio", "input_audio": {
+            "data": noise_wav_base64(seconds, 44100, 2), "format": "wav"}})
+    body = chat_body(parts).replace(b'"messages"', b'"max_tokens":1,"messages"')
+    assert len(body) > 43 * MIB
+    replies: list[httpx.Response] = []
+    slowest = slowest_health_while(big_server, lambda: replies.append(post(big_server, body)))
+    assert replies[0].status_code == 200, replies[0].text
+    assert replies[0].json()["usage"]["prompt_tokens"] > 195 * 25  # 25 audio tokens a second
+    assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
+
+
+def test_40_mb_of_ascii_text_is_refused_without_holding_the_loop(
+    big_server: ServerProcess,
+) -> None:
+    body = chat_body([{"type": "text", "text": "word " * (40 * MIB // 5)}])
+    replies: list[httpx.Response] = []
+    slowest = slowest_health_while(big_server, lambda: replies.append(post(big_server, body)))
+    assert replies[0].status_code == 400, replies[0].text
+    assert replies[0].json()["error"]["code"] == "context_length_exceeded"
+    assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
+
+
+def test_json_besides_audio_is_capped(big_server: ServerProcess) -> None:
+    body = msgspec.json.encode({"model": MODEL, "metadata": {"n": [0] * (5 * MIB)},
+                                "messages": [{"role": "user", "content": "hi"}]})
+    reply = post(big_server, body)
+    assert reply.status_code == 413, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "payload_too_large"
+    assert "besides its audio data" in error["message"]
+
+
+def test_messages_are_capped_at_max_messages(big_server: ServerProcess) -> None:
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    history = turn * 1023 + [{"role": "user", "content": "hi"}]  # 2047 messages: allowed
+    for messages, status in ((history, 200), (history + turn, 400)):
+        body = msgspec.json.encode({"model": MODEL, "max_tokens": 1, "messages": messages})
+        reply = post(big_server, body)
+        assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert (error["code"], error["param"]) == ("array_above_max_length", "messages")
+    assert "2048" in error["message"] and "2049" in error["message"]
+
+
+def test_every_spelling_of_a_large_audio_gets_the_same_answer(big_server: ServerProcess) -> None:
+    """Bodies over 256 KiB take the path that cuts audio strings out of the JSON; a
+    base64 string with line breaks (escapes) cannot be cut and takes the plain path."""
+    encoded = noise_wav_base64(9.0)
+    spellings = {
+        "input_audio": chat_body([{"type": "input_audio",
+                                   "input_audio": {"data": encoded, "format": "wav"}}]),
+        "data: URI": chat_body([{"type": "audio_url", "audio_url": {
+            "url": "data:audio/wav;base64," + encoded}}]),
+        "MIME line breaks": chat_body([{"type": "input_audio", "input_audio": {
+            "data": "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)),
+            "format": "wav"}}]),
+    }
+    spellings["escaped slashes"] = spellings["input_audio"].replace(b"/", b"\\/")
+    answers = {}
+    for name, body in spellings.items():
+        assert len(body) > 256 * 1024
+        reply = post(big_server, body.replace(
+            b'"messages"', b'"max_tokens":8,"temperature":0,"messages"'))
+        assert reply.status_code == 200, (name, reply.text)
+        answers[name] = (reply.json()["choices"][0]["message"]["content"],
+                         reply.json()["usage"]["prompt_tokens"])
+    assert len(set(answers.values())) == 1, answers
 
 
 def test_a_body_that_does_not_arrive_is_408_and_closed(big_server: ServerProcess) -> None:

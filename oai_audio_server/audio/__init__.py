@@ -7,8 +7,9 @@ from oai_audio_server.audio.features import (
     audio_token_count,
     length_after_cnn,
 )
-from oai_audio_server.audio.fetch import decode_base64_audio, decode_data_uri, fetch_audio_url
+from oai_audio_server.audio.fetch import fetch_audio_url
 from oai_audio_server.audio.intake import AudioIntake, IntakeStats
+from oai_audio_server.audio.payload import decode_base64_audio, decode_data_uri
 from oai_audio_server.audio.segment import MAX_SEGMENT_SAMPLES, AudioSegment, split_audio
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from typing import Any
 
 import av
 import av.container
@@ -80,7 +81,44 @@ _HINT_TO_DEMUXER: dict[str, str] = {
 _FIX_FORMATS = "Send WAV, MP3, FLAC, OGG (Vorbis/Opus), WebM (Opus) or M4A (AAC) audio."
 
 
-def decode_audio(data: bytes, *, format_hint: str | None, max_seconds: float) -> np.ndarray:
+class MemoryReader(io.RawIOBase):
+    """A seekable file over a memoryview, without copying it: ``io.BytesIO`` copies
+    anything but ``bytes`` whole, in one call that holds the GIL."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._view = data.cast("B") if data.format != "B" else data
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), len(self._view) - self._at))
+        target[:count] = self._view[self._at : self._at + count]
+        self._at += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence]
+        self._at = max(0, base + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+
+def _source(data: bytes | memoryview) -> io.IOBase:
+    return io.BytesIO(data) if isinstance(data, bytes) else MemoryReader(data)
+
+
+def decode_audio(
+    data: bytes | memoryview, *, format_hint: str | None, max_seconds: float
+) -> np.ndarray:
     """Decode ``data`` to float32 samples at 16 kHz, mono, in [-1, 1).
 
     Raises :class:`InvalidAudioError` saying what to fix when the bytes are not
@@ -97,16 +135,18 @@ def decode_audio(data: bytes, *, format_hint: str | None, max_seconds: float) ->
     return pcm.astype(np.float32) / np.float32(32768.0)
 
 
-def _open_container(data: bytes, format_hint: str | None) -> av.container.InputContainer:
+def _open_container(
+    data: bytes | memoryview, format_hint: str | None
+) -> av.container.InputContainer:
     options = {"format_whitelist": ",".join(ALLOWED_DEMUXERS)}
     try:
-        return av.open(io.BytesIO(data), mode="r", options=options, metadata_errors="ignore")
+        return av.open(_source(data), mode="r", options=options, metadata_errors="ignore")
     except (av.FFmpegError, ValueError, OSError, EOFError) as probe_error:
         fallback = _HINT_TO_DEMUXER.get((format_hint or "").strip().lower().lstrip("."))
         if fallback is not None:
             try:
                 return av.open(
-                    io.BytesIO(data),
+                    _source(data),
                     mode="r",
                     format=fallback,
                     options=options,

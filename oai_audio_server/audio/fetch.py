@@ -14,24 +14,20 @@ cannot be fetched gives 400 with code ``media_fetch_failed``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import pathlib
 import socket
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import httpx
-import numpy as np
 
-from oai_audio_server.errors import InvalidAudioError, InvalidRequestError
+from oai_audio_server.audio.payload import AudioBytes, decode_data_uri, too_large
+from oai_audio_server.errors import InvalidRequestError
 from oai_audio_server.settings import Settings
 
 MAX_REDIRECTS = 5
 NOT_ALLOWED = "media_url_not_allowed"
 FETCH_FAILED = "media_fetch_failed"
-_DATA_MEDIA_TYPES = ("application/octet-stream", "application/ogg")
-_DATA_MEDIA_PREFIXES = ("audio/", "video/")
 _LOCAL_HOSTNAMES = ("localhost",)
 _SUPPORTED = (
     "Audio URLs may be data: URIs, http(s):// URLs on hosts listed in "
@@ -41,128 +37,7 @@ _SUPPORTED = (
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def too_large(size_text: str, max_bytes: int) -> InvalidAudioError:
-    return InvalidAudioError(
-        f"The audio is {size_text}, over the limit of {max_bytes} bytes (max_audio_bytes). "
-        "Send a smaller or more compressed file.",
-        code="audio_too_large",
-    )
-
-
-# Large inputs are handled in steps of this size, so that no single C call holds the GIL
-# (and with it the event loop) for long; a multiple of 4, so base64 steps stay aligned.
-STEP_CHARS = 1024 * 1024
-
-
-def _without_whitespace(data: str) -> str:
-    return "".join(
-        "".join(data[start : start + STEP_CHARS].split())
-        for start in range(0, len(data), STEP_CHARS)
-    )
-
-
-def _b64decode_in_steps(compact: str) -> bytes:
-    return b"".join(
-        base64.b64decode(compact[start : start + STEP_CHARS], validate=True)
-        for start in range(0, len(compact), STEP_CHARS)
-    )
-
-
-_HEX_VALUES = np.full(256, -1, dtype=np.int16)
-for _digit in b"0123456789":
-    _HEX_VALUES[_digit] = _digit - ord("0")
-for _offset, _letter in enumerate(b"abcdef"):
-    _HEX_VALUES[_letter] = _HEX_VALUES[_letter - 32] = 10 + _offset
-
-
-def percent_decode(text: str) -> bytes:
-    """``urllib.parse.unquote_to_bytes`` (malformed escapes kept as they are), in array
-    operations: that one loops in Python over every escape, seconds for megabytes."""
-    raw = text.encode("utf-8")
-    if b"%" not in raw:
-        return raw
-    data = np.frombuffer(raw, dtype=np.uint8)
-    marks = np.flatnonzero(data == ord("%"))
-    marks = marks[marks + 2 < len(data)]
-    high, low = _HEX_VALUES[data[marks + 1]], _HEX_VALUES[data[marks + 2]]
-    valid = (high >= 0) & (low >= 0)  # a valid escape's digits are never a "%"
-    marks = marks[valid]
-    decoded = data.copy()
-    decoded[marks] = (high[valid] * 16 + low[valid]).astype(np.uint8)
-    keep = np.ones(len(data), dtype=bool)
-    keep[marks + 1] = False
-    keep[marks + 2] = False
-    return bytes(decoded[keep].tobytes())
-
-
-def _unquote_in_steps(payload: str) -> bytes:
-    """Percent-decoding in steps that never split an escape."""
-    pieces: list[bytes] = []
-    start = 0
-    while start < len(payload):
-        end = min(start + STEP_CHARS, len(payload))
-        cut = payload.rfind("%", max(start, end - 2), end)
-        if cut != -1 and end < len(payload):
-            end = cut  # an escape starts within the last two characters: keep it whole
-        pieces.append(percent_decode(payload[start:end]))
-        start = end
-    return b"".join(pieces)
-
-
-def decode_base64_audio(data: str, max_bytes: int) -> bytes:
-    """Decode standard base64 (whitespace and missing padding tolerated), capped in size.
-    Runs in a worker thread; large inputs are decoded in steps."""
-    if len(data) > STEP_CHARS * 2 and (len(data) // 4) * 3 > 2 * max_bytes + 2:
-        # Whitespace could not make up the difference in any real client's encoding.
-        raise too_large(f"about {len(data) * 3 // 4} bytes", max_bytes)
-    compact = _without_whitespace(data)
-    if not compact:
-        raise InvalidRequestError("The base64 audio data is empty.", code="invalid_base64")
-    if len(compact) * 3 // 4 > max_bytes + 2:
-        raise too_large(f"about {len(compact) * 3 // 4} bytes", max_bytes)
-    compact += "=" * (-len(compact) % 4)
-    try:
-        decoded = _b64decode_in_steps(compact)
-    except (binascii.Error, ValueError) as error:
-        raise InvalidRequestError(
-            "The audio data is not valid base64. Send the file's bytes base64-encoded "
-            "(standard alphabet), without a data: prefix or with a complete data: URI.",
-            code="invalid_base64",
-        ) from error
-    if len(decoded) > max_bytes:
-        raise too_large(f"{len(decoded)} bytes", max_bytes)
-    return decoded
-
-
-def decode_data_uri(url: str, max_bytes: int) -> bytes:
-    """Bytes of ``data:[<media type>][;params];base64,<data>`` (or percent-encoded)."""
-    header, comma, payload = url.partition(",")
-    if not comma or not header.lower().startswith("data:"):
-        raise InvalidRequestError(
-            "The data: URI is malformed; expected data:audio/<type>;base64,<data>.",
-            code="invalid_data_uri",
-        )
-    params = [part.strip().lower() for part in header[len("data:") :].split(";")]
-    media_type, flags = params[0], params[1:]
-    if media_type and not (
-        media_type in _DATA_MEDIA_TYPES or media_type.startswith(_DATA_MEDIA_PREFIXES)
-    ):
-        raise InvalidRequestError(
-            f"The data: URI has media type {media_type!r}; use audio/* (for example "
-            "audio/wav) or application/octet-stream.",
-            code="invalid_data_uri",
-        )
-    if "base64" in flags:
-        return decode_base64_audio(payload, max_bytes)
-    if len(payload) > 3 * max_bytes:
-        raise too_large(f"over {max_bytes} bytes", max_bytes)
-    decoded = _unquote_in_steps(payload)
-    if len(decoded) > max_bytes:
-        raise too_large(f"{len(decoded)} bytes", max_bytes)
-    return decoded
-
-
-async def fetch_audio_url(url: str, settings: Settings) -> bytes:
+async def fetch_audio_url(url: str, settings: Settings) -> AudioBytes:
     """The bytes ``url`` names, or an error saying which setting would allow it."""
     scheme = url.partition(":")[0].strip().lower() if ":" in url else ""
     if scheme == "data":

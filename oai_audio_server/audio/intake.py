@@ -21,15 +21,18 @@ from typing import Any, TypeVar
 from oai_audio_server.audio.cache import FeatureCache
 from oai_audio_server.audio.decode import SAMPLE_RATE, decode_audio
 from oai_audio_server.audio.features import MelFeatureExtractor, min_samples_for_one_token
-from oai_audio_server.audio.fetch import (
+from oai_audio_server.audio.fetch import NOT_ALLOWED, fetch_audio_url
+from oai_audio_server.audio.payload import (
+    AudioBytes,
+    Payload,
     decode_base64_audio,
     decode_data_uri,
-    fetch_audio_url,
+    head,
     too_large,
 )
 from oai_audio_server.audio.segment import split_audio
 from oai_audio_server.audio.types import PreparedAudio
-from oai_audio_server.errors import APIError, InvalidAudioError
+from oai_audio_server.errors import APIError, InvalidAudioError, InvalidRequestError
 from oai_audio_server.settings import Settings
 
 _MIN_SAMPLES = min_samples_for_one_token()
@@ -82,21 +85,27 @@ class AudioIntake:
     async def _in_worker(self, work: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
-    async def from_base64(self, data: str, format_hint: str | None) -> PreparedAudio:
-        head = data[:64].lstrip()
-        if head[:5].lower() == "data:":
+    async def from_base64(self, data: Payload, format_hint: str | None) -> PreparedAudio:
+        """``data`` is a str, or the bytes of a long string cut out of the request JSON."""
+        if _is_data_uri(data):
             return await self.from_url(data)
         raw = await self._in_worker(decode_base64_audio, data, self._settings.max_audio_bytes)
         return await self.from_bytes(raw, format_hint)
 
-    async def from_url(self, url: str) -> PreparedAudio:
-        if url[:64].lstrip()[:5].lower() == "data:":
-            raw = await self._in_worker(_decode_data_uri, url, self._settings.max_audio_bytes)
-        else:
+    async def from_url(self, url: Payload) -> PreparedAudio:
+        if _is_data_uri(url):
+            raw = await self._in_worker(decode_data_uri, url, self._settings.max_audio_bytes)
+        elif isinstance(url, str):
             raw = await fetch_audio_url(url, self._settings)
-        return await self.from_bytes(raw, _extension_hint(url[:256]))
+        else:
+            raise InvalidRequestError(
+                f"The audio URL is {len(url)} characters long; only data: URIs may be that "
+                "long. Send the audio as a data: URI or input_audio, or a shorter URL.",
+                code=NOT_ALLOWED,
+            )
+        return await self.from_bytes(raw, _extension_hint(head(url, 256)))
 
-    async def from_bytes(self, data: bytes, format_hint: str | None) -> PreparedAudio:
+    async def from_bytes(self, data: AudioBytes, format_hint: str | None) -> PreparedAudio:
         max_bytes = self._settings.max_audio_bytes
         if len(data) > max_bytes:
             raise too_large(f"{len(data)} bytes", max_bytes)
@@ -121,7 +130,7 @@ class AudioIntake:
         if not done.cancelled() and done.exception() is None:
             self._cache.put(done.result())
 
-    def _prepare(self, data: bytes, format_hint: str | None, digest: str) -> PreparedAudio:
+    def _prepare(self, data: AudioBytes, format_hint: str | None, digest: str) -> PreparedAudio:
         """Decode, segment and featurise; runs in a worker thread."""
         with self._lock:
             self._decodes += 1
@@ -144,11 +153,11 @@ class AudioIntake:
         )
 
 
-def _decode_data_uri(url: str, max_bytes: int) -> bytes:
-    return decode_data_uri(url.strip(), max_bytes)
+def _is_data_uri(value: Payload) -> bool:
+    return head(value, 64).lstrip()[:5].lower() == "data:"
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: AudioBytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -13,6 +13,7 @@ Rules for message orders the official ``model.chat`` has no notion of:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ from oai_audio_server.qwen.conversation import (
     TextItem,
     UserItem,
 )
+
+# Messages handled between two returns to the event loop (a few ms of work at most).
+YIELD_EVERY = 256
 
 AudioLoader = Callable[[InputAudioPart | AudioURLPart], Awaitable[PreparedAudio]]
 
@@ -123,6 +127,8 @@ async def to_conversation(
     system: list[str] = []
     turns: list[_Turn] = []
     for i, message in enumerate(messages):
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(0)  # a long list must not hold the event loop
         param = f"messages[{i}]"
         role = message.role
         if role in ("system", "developer"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from msgspec import UNSET, UnsetType
@@ -135,29 +135,55 @@ def text_interval(settings: Settings, stream: bool) -> float:
     return settings.stream_interval_ms / 1000 if stream else math.inf
 
 
+PayloadResolver = Callable[[str], "str | memoryview"]
+
+
+def _as_sent(value: str) -> str | memoryview:
+    return value
+
+
 class ChatService:
     def __init__(self, settings: Settings, runtime: Runtime) -> None:
         self._settings = settings
         self._runtime = runtime
 
-    async def _load_audio(self, part: InputAudioPart | AudioURLPart) -> PreparedAudio:
+    async def conversation(
+        self, request: ChatCompletionRequest, payload: PayloadResolver = _as_sent
+    ) -> Conversation:
+        limit = self._settings.max_messages
+        if limit and len(request.messages) > limit:
+            # Each message costs Python objects and time on the event loop; a window of a
+            # few thousand tokens keeps a few hundred turns at most.
+            raise InvalidRequestError(
+                f"Invalid 'messages': array too long. Expected at most {limit} messages "
+                f"(--max-messages), got {len(request.messages)}; send the recent part of "
+                "the conversation (older turns cannot fit the model's window anyway)",
+                param="messages",
+                code="array_above_max_length",
+            )
         intake: AudioIntake = self._runtime.intake
-        if isinstance(part, InputAudioPart):
-            return await intake.from_base64(part.input_audio.data, part.input_audio.format)
-        return await intake.from_url(part.audio_url.url)
 
-    async def conversation(self, request: ChatCompletionRequest) -> Conversation:
+        async def load_audio(part: InputAudioPart | AudioURLPart) -> PreparedAudio:
+            if isinstance(part, InputAudioPart):
+                data = payload(part.input_audio.data)
+                return await intake.from_base64(data, part.input_audio.format)
+            return await intake.from_url(payload(part.audio_url.url))
+
         budget = AudioBudget(
             max_items=self._settings.max_audios_per_request,
             max_seconds=self._settings.max_audio_seconds,
         )
-        return await to_conversation(request.messages, self._load_audio, budget)
+        return await to_conversation(request.messages, load_audio, budget)
 
-    async def prepare(self, request: ChatCompletionRequest) -> PreparedGeneration:
+    async def prepare(
+        self, request: ChatCompletionRequest, payload: PayloadResolver = _as_sent
+    ) -> PreparedGeneration:
+        """``payload`` gives the bytes behind an audio string that the body reader cut
+        out of the JSON (see ``http.long_strings``)."""
         model_name = check_model(self._settings, request.model)
         reject_unsupported(request)
         bundle = self._runtime.bundle
-        conversation = await self.conversation(request)
+        conversation = await self.conversation(request, payload)
         # Tokenising takes time in proportion to the text: off the event loop.
         prompt = await self._runtime.offload(self._runtime.prompt_builder.build, conversation)
         sampling = sampling_params(request, bundle, self._settings, len(prompt.token_ids))

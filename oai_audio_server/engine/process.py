@@ -63,6 +63,7 @@ from oai_audio_server.errors import (
     OverloadedError,
     ShuttingDownError,
 )
+from oai_audio_server.heap import freeze_long_lived_objects
 from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ class EngineProcess:
             logger.exception("loading the tokenizer failed")
             self._load_error = exc
             return
+        freeze_long_lived_objects()
         logger.info("model ready in engine process %s", self.pid)
 
     def _deliver(self, items: list[tuple[int, GenerationEvent]]) -> None:

@@ -45,6 +45,7 @@ from oai_audio_server.errors import (
     OverloadedError,
     RequestTimeoutError,
 )
+from oai_audio_server.heap import freeze_long_lived_objects
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +294,7 @@ class BatchingEngine:
             return
         self._bundle = bundle
         self._runner = runner
+        freeze_long_lived_objects()  # a full collection would stall decode steps too
         logger.info(
             "model ready: %d sequences of up to %d tokens at once",
             runner.capacity, runner.cache.slot_len,

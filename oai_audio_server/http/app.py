@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 from litestar import Litestar
 
+from oai_audio_server.heap import freeze_long_lived_objects
 from oai_audio_server.http.auth import api_key_guard
 from oai_audio_server.http.cors import PreflightGate, cors_config
 from oai_audio_server.http.docs import build_docs_routes, openapi_config
@@ -26,9 +27,12 @@ def create_app(runtime: Runtime) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         runtime.start()  # the model loads in the engine thread; /health says when
+        freeze_long_lived_objects()
+        metrics.loop_watch.start()
         try:
             yield
         finally:
+            await metrics.loop_watch.stop()
             await anyio.to_thread.run_sync(runtime.close)
 
     settings = runtime.settings

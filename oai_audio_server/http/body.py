@@ -6,25 +6,42 @@
 * Text that could never fit the model's window is refused from the raw bytes, before
   any decoding: only text holds non-ASCII bytes or JSON escapes (base64 audio has
   neither), so they bound the text's size from below at the cost of a byte scan.
-* Work in proportion to the body (that scan, JSON decoding) runs on the runtime's
-  bounded body pool once the body is large.
+* Work in proportion to the body runs on the runtime's bounded body pool once the body
+  is large, in steps of a MiB or so: the GIL, and with it the event loop, is never held
+  for long. Long audio strings are cut out of the JSON before it is decoded
+  (``long_strings``) and reach the audio decoder as bytes; what is left is capped at
+  MAX_JSON_BESIDES_AUDIO.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import mmap
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from litestar import Request
 
-from oai_audio_server.errors import ContextLengthExceededError, UnsupportedMediaTypeError
+from oai_audio_server.errors import (
+    ContextLengthExceededError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
 from oai_audio_server.http.errors import decode_body
+from oai_audio_server.http.long_strings import LongStrings, cut_long_strings
 from oai_audio_server.runtime import Runtime
+from oai_audio_server.settings import MIB
+
+T = TypeVar("T")
 
 # Below this, scanning and decoding take well under a millisecond: not worth a thread.
 INLINE_BYTES = 256 * 1024
 _SCAN_CHUNK = 1024 * 1024  # bounds each step that holds the GIL
 _ASCII = bytes(range(128))
+# JSON besides long audio strings: requests, history and tool lists of any real client fit
+# many times over, and decoding it (one call that holds the GIL) stays within ~30 ms on
+# the 2-core test machine even when it is all small objects.
+MAX_JSON_BESIDES_AUDIO = 4 * MIB
 
 
 def media_type(request: Request[Any, Any, Any]) -> str:
@@ -47,21 +64,21 @@ def require_json(request: Request[Any, Any, Any]) -> None:
         )
 
 
-def least_text_bytes(body: bytes) -> int:
+def least_text_bytes(body: bytes | memoryview) -> int:
     """A lower bound on the UTF-8 bytes of text in a JSON body: its non-ASCII bytes,
     plus one for every two backslashes (an escape is one character or more; a
-    surrogate pair takes two)."""
+    surrogate pair takes two), not counting ``\\/``: base64 audio from some encoders
+    (PHP's json_encode) has one in every few characters, and it is audio, not text."""
     non_ascii = backslashes = 0
     for start in range(0, len(body), _SCAN_CHUNK):
-        chunk = body[start : start + _SCAN_CHUNK]
+        chunk = bytes(body[start : start + _SCAN_CHUNK + 1])  # one more: a split "\\/"
         if not chunk.isascii():
-            non_ascii += len(chunk.translate(None, _ASCII))
-        backslashes += chunk.count(b"\\")
-    return non_ascii + backslashes // 2
+            non_ascii += len(chunk[:_SCAN_CHUNK].translate(None, _ASCII))
+        backslashes += chunk[:_SCAN_CHUNK].count(b"\\") - chunk.count(b"\\/")
+    return non_ascii + max(0, backslashes) // 2
 
 
-def check_text_volume(body: bytes, max_text_bytes: int, window: int) -> None:
-    least = least_text_bytes(body)
+def refuse_long_text(least: int, max_text_bytes: int, window: int) -> None:
     if least > max_text_bytes:
         raise ContextLengthExceededError(
             f"the request holds at least {least} bytes of text, more than the model's "
@@ -71,23 +88,72 @@ def check_text_volume(body: bytes, max_text_bytes: int, window: int) -> None:
         )
 
 
-def _scan_and_decode(
-    body: bytes, decoder: msgspec.json.Decoder[Any], max_text_bytes: int, window: int
-) -> Any:
-    check_text_volume(body, max_text_bytes, window)
-    return decode_body(body, decoder)
+@dataclass(frozen=True)
+class BodyLimits:
+    max_text_bytes: int
+    window: int
+
+
+@dataclass(frozen=True)
+class DecodedBody(Generic[T]):
+    value: T
+    long_strings: LongStrings
+
+
+def assemble(chunks: list[bytes]) -> bytes | memoryview:
+    """One buffer from the received chunks. A large one is copied a chunk at a time into
+    fresh anonymous memory: one join would hold the GIL for the whole copy."""
+    total = sum(len(chunk) for chunk in chunks)
+    if total <= INLINE_BYTES:
+        return b"".join(chunks)
+    buffer = mmap.mmap(-1, total)
+    at = 0
+    for chunk in chunks:
+        buffer[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    return memoryview(buffer)
+
+
+def decode_in_steps(
+    chunks: list[bytes], decoder: msgspec.json.Decoder[T], limits: BodyLimits
+) -> DecodedBody[T]:
+    """Check and decode a body; no step holds the GIL for more than a MiB's work, but
+    the final decode of what is left once audio strings are cut out (at most
+    MAX_JSON_BESIDES_AUDIO bytes)."""
+    body = assemble(chunks)
+    if isinstance(body, bytes):  # small: one quick pass
+        refuse_long_text(least_text_bytes(body), limits.max_text_bytes, limits.window)
+        return DecodedBody(decode_body(body, decoder), LongStrings())
+    least = least_text_bytes(body)
+    refuse_long_text(least, limits.max_text_bytes, limits.window)
+    cut = cut_long_strings(body)
+    refuse_long_text(least + cut.long_text_bytes, limits.max_text_bytes, limits.window)
+    if cut.remainder_size > MAX_JSON_BESIDES_AUDIO:
+        raise PayloadTooLargeError(
+            f"the request has {cut.remainder_size} bytes of JSON besides its audio data; "
+            f"this server accepts at most {MAX_JSON_BESIDES_AUDIO} bytes "
+            f"({MAX_JSON_BESIDES_AUDIO // MIB} MiB) of it (audio data may fill the rest of "
+            "the body limit)"
+        )
+    return DecodedBody(decode_body(cut.remainder(), decoder), cut.strings)
+
+
+async def read_chunks(request: Request[Any, Any, Any]) -> list[bytes]:
+    return [chunk async for chunk in request.stream() if chunk]
 
 
 async def read_json(
-    runtime: Runtime, request: Request[Any, Any, Any], decoder: msgspec.json.Decoder[Any]
-) -> Any:
+    runtime: Runtime, request: Request[Any, Any, Any], decoder: msgspec.json.Decoder[T]
+) -> DecodedBody[T]:
     """The decoded JSON body, after the media type and the text volume are checked."""
     require_json(request)
-    body = await request.body()
+    chunks = await read_chunks(request)
     bundle = runtime.bundle  # a 503 before decoding, when no model could answer anyway
     window = bundle.max_window_size
     per_token = runtime.prompt_builder.max_token_bytes
-    max_text_bytes = window * per_token if per_token > 0 else len(body)  # 0: no bound
-    if len(body) <= INLINE_BYTES:
-        return _scan_and_decode(body, decoder, max_text_bytes, window)
-    return await runtime.offload(_scan_and_decode, body, decoder, max_text_bytes, window)
+    size = sum(len(chunk) for chunk in chunks)
+    max_text_bytes = window * per_token if per_token > 0 else size  # 0: no bound
+    limits = BodyLimits(max_text_bytes, window)
+    if size <= INLINE_BYTES:
+        return decode_in_steps(chunks, decoder, limits)
+    return await runtime.offload(decode_in_steps, chunks, decoder, limits)

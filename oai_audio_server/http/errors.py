@@ -38,8 +38,8 @@ def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Inva
     return InvalidRequestError(f"invalid request: {text}", param=param or None)
 
 
-def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    if not body.strip():
+def decode_body(body: bytes | memoryview, decoder: msgspec.json.Decoder[Any]) -> Any:
+    if isinstance(body, bytes) and not body.strip():
         raise InvalidRequestError("the request body is empty; send a JSON object")
     try:
         return decoder.decode(body)

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from oai_audio_server.http.loop_watch import LoopWatch
 from oai_audio_server.http.request_log import RequestRecord
 from oai_audio_server.runtime import Runtime
 
@@ -77,6 +78,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(RuntimeCollector(runtime))
+        self.loop_watch = LoopWatch(self.registry, PREFIX)
 
     def observe(self, record: RequestRecord) -> None:
         self._requests.labels(record.method, record.route, record.outcome).inc()

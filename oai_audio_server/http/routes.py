@@ -44,8 +44,9 @@ def build_routes(runtime: Runtime) -> list[Any]:
         summary="Create a chat completion (JSON or SSE stream)",
     )
     async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
-        chat_request = await read_json(runtime, request, chat_request_decoder)
-        prepared = await chat.prepare(chat_request)
+        decoded = await read_json(runtime, request, chat_request_decoder)
+        chat_request = decoded.value
+        prepared = await chat.prepare(chat_request, decoded.long_strings.resolve)
         record = current_record(request.scope)  # gets tokens and TTFT for logs and metrics
         if chat_request.stream:
             record.stream = True

@@ -100,7 +100,8 @@ async def _from_form(
 async def _from_json(
     runtime: Runtime, service: TranscriptionService, request: Request[Any, Any, Any], task: Task
 ) -> PreparedTranscription:
-    body = await read_json(runtime, request, transcription_json_decoder)
+    decoded = await read_json(runtime, request, transcription_json_decoder)
+    body = decoded.value
     options = TranscriptionOptions.from_fields(
         task,
         model=body.model,
@@ -112,7 +113,8 @@ async def _from_json(
         timestamp_granularities=body.timestamp_granularities,
     )
     audio = body.input_audio
-    return await service.prepare_base64(options, audio.data, audio.format, param="input_audio")
+    data = decoded.long_strings.resolve(audio.data)
+    return await service.prepare_base64(options, data, audio.format, param="input_audio")
 
 
 def build_transcription_routes(runtime: Runtime) -> list[Any]:

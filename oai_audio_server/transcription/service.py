@@ -127,7 +127,12 @@ class TranscriptionService:
         )
 
     async def prepare_base64(
-        self, options: TranscriptionOptions, data: str, format_hint: str | None, *, param: str
+        self,
+        options: TranscriptionOptions,
+        data: str | memoryview,
+        format_hint: str | None,
+        *,
+        param: str,
     ) -> PreparedTranscription:
         return await self._prepare_from(
             options, lambda: self._runtime.intake.from_base64(data, format_hint), param

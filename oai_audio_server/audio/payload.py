@@ -1,0 +1,195 @@
+"""Audio carried in the request itself: base64 strings and ``data:`` URIs, decoded to bytes.
+
+A payload is a ``str`` (from the decoded JSON) or a ``memoryview`` of ASCII bytes (a long
+string the body reader cut out of the JSON, see ``http.long_strings``). Either way it is
+decoded in steps of ``STEP_CHARS`` into fresh anonymous memory, so that no single C call
+holds the GIL, and with it the event loop, for the whole payload: the callers run this
+in a worker thread, but a thread that holds the GIL stops the loop all the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import mmap
+
+import numpy as np
+
+from oai_audio_server.errors import InvalidAudioError, InvalidRequestError
+
+Payload = str | memoryview
+AudioBytes = bytes | memoryview
+
+# A multiple of 4, so that base64 steps stay aligned.
+STEP_CHARS = 1024 * 1024
+_DATA_MEDIA_TYPES = ("application/octet-stream", "application/ogg")
+_DATA_MEDIA_PREFIXES = ("audio/", "video/")
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+_HEADER_CHARS = 1024  # a data: URI's header (media type and parameters) is shorter
+
+
+def too_large(size_text: str, max_bytes: int) -> InvalidAudioError:
+    return InvalidAudioError(
+        f"The audio is {size_text}, over the limit of {max_bytes} bytes (max_audio_bytes). "
+        "Send a smaller or more compressed file.",
+        code="audio_too_large",
+    )
+
+
+def head(payload: Payload, chars: int) -> str:
+    """The payload's first characters, as text (enough to tell a data: URI)."""
+    start = payload[:chars]
+    return start if isinstance(start, str) else bytes(start).decode("ascii", "replace")
+
+
+def _piece(payload: Payload, start: int, end: int) -> bytes:
+    piece = payload[start:end]
+    return piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
+
+
+class _Output:
+    """Bytes written in steps into anonymous memory, whose pages are touched only when
+    written; one ``bytes`` of it would be another copy holding the GIL."""
+
+    def __init__(self, capacity: int) -> None:
+        self._buffer = mmap.mmap(-1, max(1, capacity))
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._buffer[self.size : self.size + len(data)] = data
+        self.size += len(data)
+
+    def view(self) -> memoryview:
+        return memoryview(self._buffer)[: self.size]
+
+
+def _invalid_base64() -> InvalidRequestError:
+    return InvalidRequestError(
+        "The audio data is not valid base64. Send the file's bytes base64-encoded "
+        "(standard alphabet), without a data: prefix or with a complete data: URI.",
+        code="invalid_base64",
+    )
+
+
+def decode_base64_audio(data: Payload, max_bytes: int) -> AudioBytes:
+    """Standard base64 (whitespace and missing padding tolerated), capped in size."""
+    if len(data) > STEP_CHARS * 2 and (len(data) // 4) * 3 > 2 * max_bytes + 2:
+        # Whitespace could not make up the difference in any real client's encoding.
+        raise too_large(f"about {len(data) * 3 // 4} bytes", max_bytes)
+    output = _Output(len(data) * 3 // 4 + 3)
+    carry = b""
+    padded = False
+    for start in range(0, len(data), STEP_CHARS):
+        compact = carry + _piece(data, start, start + STEP_CHARS).translate(None, _WHITESPACE)
+        whole = len(compact) - len(compact) % 4
+        carry = compact[whole:]
+        if not whole:
+            continue
+        if padded:  # padding ends the data; more came after it
+            raise _invalid_base64()
+        output.write(_b64decode(compact[:whole]))
+        padded = compact[whole - 1] == ord("=")
+        if output.size > max_bytes + 2:
+            raise too_large(f"over {max_bytes} bytes", max_bytes)
+    if carry:
+        if padded:
+            raise _invalid_base64()
+        output.write(_b64decode(carry + b"=" * (-len(carry) % 4)))
+    if output.size == 0 and not carry:
+        raise InvalidRequestError("The base64 audio data is empty.", code="invalid_base64")
+    if output.size > max_bytes:
+        raise too_large(f"{output.size} bytes", max_bytes)
+    return output.view()
+
+
+def _b64decode(aligned: bytes) -> bytes:
+    try:
+        return base64.b64decode(aligned, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise _invalid_base64() from error
+
+
+_HEX_VALUES = np.full(256, -1, dtype=np.int16)
+for _digit in b"0123456789":
+    _HEX_VALUES[_digit] = _digit - ord("0")
+for _offset, _letter in enumerate(b"abcdef"):
+    _HEX_VALUES[_letter] = _HEX_VALUES[_letter - 32] = 10 + _offset
+
+
+def percent_decode(raw: bytes) -> bytes:
+    """``urllib.parse.unquote_to_bytes`` (malformed escapes kept as they are), in array
+    operations: that one loops in Python over every escape, seconds for megabytes."""
+    if b"%" not in raw:
+        return raw
+    data = np.frombuffer(raw, dtype=np.uint8)
+    marks = np.flatnonzero(data == ord("%"))
+    marks = marks[marks + 2 < len(data)]
+    high, low = _HEX_VALUES[data[marks + 1]], _HEX_VALUES[data[marks + 2]]
+    valid = (high >= 0) & (low >= 0)  # a valid escape's digits are never a "%"
+    marks = marks[valid]
+    decoded = data.copy()
+    decoded[marks] = (high[valid] * 16 + low[valid]).astype(np.uint8)
+    keep = np.ones(len(data), dtype=bool)
+    keep[marks + 1] = False
+    keep[marks + 2] = False
+    return bytes(decoded[keep].tobytes())
+
+
+def _unquote_in_steps(payload: Payload, max_bytes: int) -> AudioBytes:
+    """Percent-decoding in steps that never split an escape."""
+    output = _Output(min(len(payload) * 4, max_bytes + 1))  # UTF-8: 4 bytes a char at most
+    start = 0
+    while start < len(payload):
+        raw = _piece(payload, start, start + STEP_CHARS)
+        taken = STEP_CHARS
+        if start + STEP_CHARS < len(payload):
+            cut = raw.rfind(b"%", max(0, len(raw) - 2))
+            if cut != -1 and isinstance(payload, memoryview):
+                taken, raw = cut, raw[:cut]  # an escape starts in the last two bytes
+            elif cut != -1:
+                taken = len(raw[:cut].decode("utf-8"))  # keep the escape whole
+                raw = raw[:cut]
+        decoded = percent_decode(raw)
+        if output.size + len(decoded) > max_bytes:
+            raise too_large(f"over {max_bytes} bytes", max_bytes)
+        output.write(decoded)
+        start += taken
+    return output.view()
+
+
+def _strip(payload: Payload) -> Payload:
+    if isinstance(payload, str):
+        return payload.strip()
+    start, end = 0, len(payload)
+    while start < end and payload[start] in _WHITESPACE:
+        start += 1
+    while end > start and payload[end - 1] in _WHITESPACE:
+        end -= 1
+    return payload[start:end]
+
+
+def decode_data_uri(url: Payload, max_bytes: int) -> AudioBytes:
+    """Bytes of ``data:[<media type>][;params];base64,<data>`` (or percent-encoded)."""
+    url = _strip(url)
+    header, comma, _ = head(url, _HEADER_CHARS).partition(",")
+    if not comma or not header.lower().startswith("data:"):
+        raise InvalidRequestError(
+            "The data: URI is malformed; expected data:audio/<type>;base64,<data>.",
+            code="invalid_data_uri",
+        )
+    payload = url[len(header) + 1 :]
+    params = [part.strip().lower() for part in header[len("data:") :].split(";")]
+    media_type, flags = params[0], params[1:]
+    if media_type and not (
+        media_type in _DATA_MEDIA_TYPES or media_type.startswith(_DATA_MEDIA_PREFIXES)
+    ):
+        raise InvalidRequestError(
+            f"The data: URI has media type {media_type!r}; use audio/* (for example "
+            "audio/wav) or application/octet-stream.",
+            code="invalid_data_uri",
+        )
+    if "base64" in flags:
+        return decode_base64_audio(payload, max_bytes)
+    if len(payload) > 3 * max_bytes:
+        raise too_large(f"over {max_bytes} bytes", max_bytes)
+    return _unquote_in_steps(payload, max_bytes)
