@@ -219,7 +219,8 @@ def test_stop_while_the_model_loads_ends_the_process_at_once(
     of leaving it to be killed after close()'s timeout."""
     slow = tmp_path / "slow_loading_ckpt"
     shutil.copytree(tiny_checkpoint, slow)
-    # A vocabulary file that never arrives: the load blocks reading it, like a slow disk.
+    # A vocabulary file that never arrives: the load blocks reading it, like a slow disk
+    # (the tokenizer asks only that the path exists, then reads it).
     (slow / "qwen.tiktoken").unlink()
     os.mkfifo(slow / "qwen.tiktoken")
     engine = EngineProcess(Settings(model=str(slow), device="cpu", cpu_threads=1))

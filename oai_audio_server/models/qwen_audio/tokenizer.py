@@ -95,7 +95,7 @@ class QwenAudioTokenizer:
     @classmethod
     def from_dir(cls, model_dir: Path) -> QwenAudioTokenizer:
         path = Path(model_dir) / VOCAB_FILE
-        if not path.is_file():
+        if not path.exists():  # not is_file(): reading any other kind of path says why it fails
             raise FileNotFoundError(f"{model_dir} has no {VOCAB_FILE} (Qwen-Audio's vocabulary)")
         return cls(load_bpe_ranks(path))
 
