@@ -75,7 +75,11 @@ def bodies() -> dict[str, tuple[str, Callable[[], bytes]]]:
                        lambda: chat("word " * (40 * MIB // 5))),
         "cjk-text": ("40 MiB of CJK text (refused: too long)",
                      lambda: chat("汉字" * (40 * MIB // 6))),
-        "long-history": ("125,001 messages of history, 4 MiB (refused: over --max-messages)",
+        "nested-arrays": ("1.3 million empty arrays in tool_choice, 3.9 MiB (refused)",
+                          lambda: msgspec.json.encode({
+                              "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "tool_choice": [[]] * 1_300_000})),
+        "long-history": ("125,001 messages of history, 4 MiB (refused: too many objects)",
                          lambda: msgspec.json.encode({
                              "model": MODEL, "max_tokens": 1,
                              "messages": [{"role": "user", "content": "hi"},

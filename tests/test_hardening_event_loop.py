@@ -147,7 +147,26 @@ def test_json_besides_audio_is_capped(big_server: ServerProcess) -> None:
     assert reply.status_code == 413, reply.text
     error = reply.json()["error"]
     assert error["code"] == "payload_too_large"
-    assert "besides its audio data" in error["message"]
+    assert "besides its long audio strings" in error["message"]
+
+
+def test_json_objects_and_arrays_are_capped(big_server: ServerProcess) -> None:
+    body = msgspec.json.encode({"model": MODEL, "metadata": {"n": [[]] * 150_000},
+                                "messages": [{"role": "user", "content": "hi"}]})
+    reply = post(big_server, body)
+    assert reply.status_code == 413, reply.text
+    assert "JSON objects and arrays" in reply.json()["error"]["message"]
+
+
+def test_a_long_old_turn_is_dropped_not_refused(big_server: ServerProcess) -> None:
+    """The window cannot hold the old turn, so the prompt builder drops it, as the
+    official code would; the body reader must not refuse it first."""
+    body = msgspec.json.encode({"model": MODEL, "max_tokens": 1, "messages": [
+        {"role": "user", "content": "A" * 300_000}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "hi"}]})
+    reply = post(big_server, body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] < 100
 
 
 def test_messages_are_capped_at_max_messages(big_server: ServerProcess) -> None:
@@ -175,7 +194,9 @@ def test_every_spelling_of_a_large_audio_gets_the_same_answer(big_server: Server
             "data": "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76)),
             "format": "wav"}}]),
     }
-    spellings["escaped slashes"] = spellings["input_audio"].replace(b"/", b"\\/")
+    spellings["escaped slashes (PHP)"] = spellings["input_audio"].replace(b"/", b"\\/")
+    spellings["escaped '=' (Gson)"] = spellings["input_audio"].replace(b"=", b"\\u003d")
+    spellings["escaped '+' (.NET)"] = spellings["input_audio"].replace(b"+", b"\\u002B")
     answers = {}
     for name, body in spellings.items():
         assert len(body) > 256 * 1024

@@ -28,6 +28,7 @@ from oai_audio_server.audio.payload import (
     decode_base64_audio,
     decode_data_uri,
     head,
+    strip_payload,
     too_large,
 )
 from oai_audio_server.audio.segment import split_audio
@@ -87,12 +88,13 @@ class AudioIntake:
 
     async def from_base64(self, data: Payload, format_hint: str | None) -> PreparedAudio:
         """``data`` is a str, or the bytes of a long string cut out of the request JSON."""
-        if _is_data_uri(data):
+        if _is_data_uri(strip_payload(data)):
             return await self.from_url(data)
         raw = await self._in_worker(decode_base64_audio, data, self._settings.max_audio_bytes)
         return await self.from_bytes(raw, format_hint)
 
     async def from_url(self, url: Payload) -> PreparedAudio:
+        url = strip_payload(url)
         if _is_data_uri(url):
             raw = await self._in_worker(decode_data_uri, url, self._settings.max_audio_bytes)
         elif isinstance(url, str):
@@ -153,8 +155,8 @@ class AudioIntake:
         )
 
 
-def _is_data_uri(value: Payload) -> bool:
-    return head(value, 64).lstrip()[:5].lower() == "data:"
+def _is_data_uri(stripped: Payload) -> bool:
+    return head(stripped, 5).lower() == "data:"
 
 
 def _sha256(data: AudioBytes) -> str:

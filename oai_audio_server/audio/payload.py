@@ -44,7 +44,9 @@ def head(payload: Payload, chars: int) -> str:
 
 def _piece(payload: Payload, start: int, end: int) -> bytes:
     piece = payload[start:end]
-    return piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
+    if isinstance(piece, str):  # invalid text must fail as invalid data, not crash
+        return piece.encode("utf-8", "surrogatepass")
+    return bytes(piece)
 
 
 class _Output:
@@ -80,7 +82,12 @@ def decode_base64_audio(data: Payload, max_bytes: int) -> AudioBytes:
     carry = b""
     padded = False
     for start in range(0, len(data), STEP_CHARS):
-        compact = carry + _piece(data, start, start + STEP_CHARS).translate(None, _WHITESPACE)
+        if isinstance(data, str):  # any Unicode whitespace, as str.split() sees it
+            piece = "".join(data[start : start + STEP_CHARS].split())
+            raw = piece.encode("utf-8", "surrogatepass")
+        else:
+            raw = _piece(data, start, start + STEP_CHARS).translate(None, _WHITESPACE)
+        compact = carry + raw
         whole = len(compact) - len(compact) % 4
         carry = compact[whole:]
         if not whole:
@@ -144,9 +151,9 @@ def _unquote_in_steps(payload: Payload, max_bytes: int) -> AudioBytes:
         taken = STEP_CHARS
         if start + STEP_CHARS < len(payload):
             cut = raw.rfind(b"%", max(0, len(raw) - 2))
-            if cut != -1 and isinstance(payload, memoryview):
+            if cut > 0 and isinstance(payload, memoryview):
                 taken, raw = cut, raw[:cut]  # an escape starts in the last two bytes
-            elif cut != -1:
+            elif cut > 0:
                 taken = len(raw[:cut].decode("utf-8"))  # keep the escape whole
                 raw = raw[:cut]
         decoded = percent_decode(raw)
@@ -157,20 +164,29 @@ def _unquote_in_steps(payload: Payload, max_bytes: int) -> AudioBytes:
     return output.view()
 
 
-def _strip(payload: Payload) -> Payload:
+def strip_payload(payload: Payload) -> Payload:
+    """Without leading and trailing whitespace; a view is trimmed a step at a time."""
     if isinstance(payload, str):
         return payload.strip()
     start, end = 0, len(payload)
-    while start < end and payload[start] in _WHITESPACE:
-        start += 1
-    while end > start and payload[end - 1] in _WHITESPACE:
-        end -= 1
+    while start < end:
+        chunk = bytes(payload[start : min(end, start + STEP_CHARS)])
+        kept = chunk.lstrip(_WHITESPACE)
+        start += len(chunk) - len(kept)
+        if kept:
+            break
+    while end > start:
+        chunk = bytes(payload[max(start, end - STEP_CHARS) : end])
+        kept = chunk.rstrip(_WHITESPACE)
+        end -= len(chunk) - len(kept)
+        if kept:
+            break
     return payload[start:end]
 
 
 def decode_data_uri(url: Payload, max_bytes: int) -> AudioBytes:
     """Bytes of ``data:[<media type>][;params];base64,<data>`` (or percent-encoded)."""
-    url = _strip(url)
+    url = strip_payload(url)
     header, comma, _ = head(url, _HEADER_CHARS).partition(",")
     if not comma or not header.lower().startswith("data:"):
         raise InvalidRequestError(

@@ -3,27 +3,33 @@
 * JSON routes want a JSON media type (415 otherwise). Besides telling a client what to
   fix, this keeps web pages out: text/plain, form and type-less bodies are "simple"
   cross-origin requests that a browser sends without asking the server first.
-* Text that could never fit the model's window is refused from the raw bytes, before
-  any decoding: only text holds non-ASCII bytes or JSON escapes (base64 audio has
-  neither), so they bound the text's size from below at the cost of a byte scan.
 * Work in proportion to the body runs on the runtime's bounded body pool once the body
   is large, in steps of a MiB or so: the GIL, and with it the event loop, is never held
   for long. Long audio strings are cut out of the JSON before it is decoded
-  (``long_strings``) and reach the audio decoder as bytes; what is left is capped at
-  MAX_JSON_BESIDES_AUDIO.
+  (``long_strings``) and reach the audio decoder as bytes; what is left is capped
+  (MAX_JSON_BESIDES_AUDIO bytes, MAX_JSON_CONTAINERS objects and arrays), so that the
+  one decoding call stays short.
+* A body over the cap whose text alone could never fit the model's window gets
+  ``context_length_exceeded`` rather than 413: only text holds non-ASCII bytes or JSON
+  escapes, so they bound its size from below at the cost of a byte scan. Under the cap
+  the prompt builder decides (old history turns that cannot fit are dropped, not
+  refused).
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgspec
+import numpy as np
 from litestar import Request
 
 from oai_audio_server.errors import (
     ContextLengthExceededError,
+    InvalidRequestError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
@@ -34,7 +40,7 @@ from oai_audio_server.settings import MIB
 
 T = TypeVar("T")
 
-# Below this, scanning and decoding take well under a millisecond: not worth a thread.
+# Below this, decoding takes a few ms at most: not worth a thread.
 INLINE_BYTES = 256 * 1024
 _SCAN_CHUNK = 1024 * 1024  # bounds each step that holds the GIL
 _ASCII = bytes(range(128))
@@ -42,6 +48,8 @@ _ASCII = bytes(range(128))
 # many times over, and decoding it (one call that holds the GIL) stays within ~30 ms on
 # the 2-core test machine even when it is all small objects.
 MAX_JSON_BESIDES_AUDIO = 4 * MIB
+MAX_JSON_CONTAINERS = 100_000  # ~20 ms of decoding, object creation and collection
+_OFFSET = re.compile(r" ?\(?at byte \d+\)?| ?\(byte \d+\)")
 
 
 def media_type(request: Request[Any, Any, Any]) -> str:
@@ -78,16 +86,6 @@ def least_text_bytes(body: bytes | memoryview) -> int:
     return non_ascii + max(0, backslashes) // 2
 
 
-def refuse_long_text(least: int, max_text_bytes: int, window: int) -> None:
-    if least > max_text_bytes:
-        raise ContextLengthExceededError(
-            f"the request holds at least {least} bytes of text, more than the model's "
-            f"{window}-token window can hold (at most {max_text_bytes} bytes of text); "
-            "send shorter text",
-            param="messages",
-        )
-
-
 @dataclass(frozen=True)
 class BodyLimits:
     max_text_bytes: int
@@ -117,25 +115,50 @@ def assemble(chunks: list[bytes]) -> bytes | memoryview:
 def decode_in_steps(
     chunks: list[bytes], decoder: msgspec.json.Decoder[T], limits: BodyLimits
 ) -> DecodedBody[T]:
-    """Check and decode a body; no step holds the GIL for more than a MiB's work, but
-    the final decode of what is left once audio strings are cut out (at most
-    MAX_JSON_BESIDES_AUDIO bytes)."""
+    """Check and decode a body. No step holds the GIL for more than a MiB's work, but
+    the final decode of what is left once audio strings are cut out, which the caps
+    bound (MAX_JSON_BESIDES_AUDIO bytes, MAX_JSON_CONTAINERS objects and arrays)."""
     body = assemble(chunks)
-    if isinstance(body, bytes):  # small: one quick pass
-        refuse_long_text(least_text_bytes(body), limits.max_text_bytes, limits.window)
+    if isinstance(body, bytes):  # small: one quick call
+        refuse_many_containers(body)
         return DecodedBody(decode_body(body, decoder), LongStrings())
-    least = least_text_bytes(body)
-    refuse_long_text(least, limits.max_text_bytes, limits.window)
     cut = cut_long_strings(body)
-    refuse_long_text(least + cut.long_text_bytes, limits.max_text_bytes, limits.window)
     if cut.remainder_size > MAX_JSON_BESIDES_AUDIO:
+        text = sum(least_text_bytes(part) for part in cut.kept()) + cut.long_text_bytes
+        if text > limits.max_text_bytes:
+            raise ContextLengthExceededError(
+                f"the request holds at least {text} bytes of text, more than the model's "
+                f"{limits.window}-token window can hold (at most {limits.max_text_bytes} "
+                "bytes of text); send shorter text",
+                param="messages",
+            )
         raise PayloadTooLargeError(
-            f"the request has {cut.remainder_size} bytes of JSON besides its audio data; "
-            f"this server accepts at most {MAX_JSON_BESIDES_AUDIO} bytes "
-            f"({MAX_JSON_BESIDES_AUDIO // MIB} MiB) of it (audio data may fill the rest of "
-            "the body limit)"
+            f"the request has {cut.remainder_size} bytes of JSON besides its long audio "
+            f"strings (text, history, tools, other fields, and audio strings with JSON "
+            f"escapes other than \\/ or \\u00XX); this server accepts at most "
+            f"{MAX_JSON_BESIDES_AUDIO // MIB} MiB of that; send less"
         )
-    return DecodedBody(decode_body(cut.remainder(), decoder), cut.strings)
+    remainder = cut.remainder()
+    refuse_many_containers(remainder)
+    try:
+        return DecodedBody(decode_body(remainder, decoder), cut.strings)
+    except InvalidRequestError as error:
+        if cut.cuts:  # a byte offset would count in the shortened body, not the one sent
+            error.message = _OFFSET.sub("", error.message)
+        raise
+
+
+def refuse_many_containers(json: bytes | memoryview) -> None:
+    """Decoding builds a Python object for every JSON object and array; the count of
+    "[" and "{" bytes bounds theirs from above, in one vectorised pass."""
+    data = np.frombuffer(json, dtype=np.uint8)
+    count = int(np.count_nonzero(data == ord("["))) + int(np.count_nonzero(data == ord("{")))
+    if count > MAX_JSON_CONTAINERS:
+        raise PayloadTooLargeError(
+            f"the request holds up to {count} JSON objects and arrays; this server "
+            f"accepts at most {MAX_JSON_CONTAINERS} (a chat of --max-messages messages "
+            "with tools needs far fewer)"
+        )
 
 
 async def read_chunks(request: Request[Any, Any, Any]) -> list[bytes]:

@@ -41,6 +41,11 @@ _PLAIN[[_QUOTE, _BACKSLASH]] = False
 # The key before a value's opening quote; the key's own opening quote must not be escaped.
 _KEY = re.compile(rb'(?<!\\)"(data|url|text|content)"[ \t\r\n]*:[ \t\r\n]*\Z')
 _KEY_WINDOW = 64
+_HEX = np.full(256, -1, dtype=np.int16)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_UNICODE_ESCAPE = re.compile(rb"\\u00[0-9a-fA-F]{2}")
 
 
 @dataclass
@@ -60,6 +65,28 @@ class LongStrings:
         return self.values.get(value, value)
 
 
+def _plain_escapes(window: np.ndarray, ahead: np.ndarray) -> np.ndarray:
+    """Offsets in ``window`` of the backslashes that start ``\\/`` or ``\\u00XX`` of a
+    plain character (some encoders write every "/", "+" or "=" so: PHP, .NET, Gson).
+    ``ahead`` is the window and the five bytes after it."""
+    starts = np.flatnonzero(window == _BACKSLASH)
+    if starts.shape[0] == 0:
+        return starts
+
+    def byte(offset: int) -> np.ndarray:
+        at = starts + offset
+        found = np.zeros(starts.shape[0], dtype=np.uint8)
+        inside = at < ahead.shape[0]
+        found[inside] = ahead[at[inside]]
+        return found
+
+    high, low = _HEX[byte(4)], _HEX[byte(5)]
+    code = high * 16 + low
+    unicode = (byte(1) == ord("u")) & (byte(2) == ord("0")) & (byte(3) == ord("0"))
+    unicode &= (high >= 0) & (low >= 0) & _PLAIN[np.clip(code, 0, 255)]
+    return starts[(byte(1) == _SLASH) | unicode]
+
+
 def plain_runs(data: np.ndarray) -> Iterator[tuple[int, int]]:
     """(start, end) of each run of at least MIN_LENGTH plain bytes, scanned in steps."""
     size = data.shape[0]
@@ -68,10 +95,11 @@ def plain_runs(data: np.ndarray) -> Iterator[tuple[int, int]]:
         end = min(size, start + STEP)
         window = data[start:end]
         plain = _PLAIN[window]
-        following = data[start + 1 : end + 1]  # one byte ahead: is a backslash "\/"?
-        plain[: following.shape[0]] |= (window[: following.shape[0]] == _BACKSLASH) & (
-            following == _SLASH
-        )
+        # An escape's other bytes are plain already; its backslash is plain if it starts
+        # one. Such a backslash is never followed by another, so a run can only start with
+        # one right after a break, never after the string's opening quote, if the
+        # backslash was itself escaped.
+        plain[_plain_escapes(window, data[start : end + 5])] = True
         breaks = np.flatnonzero(~plain) + start
         if breaks.shape[0] == 0:
             continue
@@ -86,9 +114,13 @@ def value_key(body: memoryview, start: int) -> bytes | None:
     """The key whose whole string value starts at ``start`` (after its quote), if any."""
     if start < 1 or body[start - 1] != _QUOTE:
         return None
-    before = bytes(body[max(0, start - 1 - _KEY_WINDOW) : start - 1])
+    # One byte more than the key pattern may need: the byte before the key's quote.
+    window_start = max(0, start - 2 - _KEY_WINDOW)
+    before = bytes(body[window_start : start - 1])
     match = _KEY.search(before)
-    return match.group(1) if match else None
+    if match is None or (match.start() == 0 and window_start > 0):
+        return None  # not a key, or a key whose quote might be escaped
+    return match.group(1)
 
 
 def backslashes(body: memoryview, start: int, end: int) -> int:
@@ -97,16 +129,27 @@ def backslashes(body: memoryview, start: int, end: int) -> int:
     )
 
 
+def _unescape(piece: bytes) -> bytes:
+    piece = piece.replace(b"\\/", b"/")
+    for escape in set(_UNICODE_ESCAPE.findall(piece)):  # a few distinct ones at most
+        piece = piece.replace(escape, bytes([int(escape[2:], 16)]))
+    return piece
+
+
 def unescaped(body: memoryview, start: int, end: int) -> memoryview:
-    """The run's bytes with every ``\\/`` made ``/``, copied in steps into fresh memory."""
+    """The run's bytes with its escapes undone, copied in steps into fresh memory. (No
+    escape in a run stands for a backslash, so undoing one never makes another.)"""
     out = mmap.mmap(-1, end - start)
     written = 0
     at = start
     while at < end:
         stop = min(end, at + STEP)
-        if stop < end and body[stop - 1] == _BACKSLASH:
-            stop += 1  # never split an escape
-        piece = bytes(body[at:stop]).replace(b"\\/", b"/")
+        tail = bytes(body[max(at, stop - 5) : stop])
+        last = tail.rfind(b"\\")
+        if stop < end and last != -1:  # never split an escape
+            escape_at = stop - len(tail) + last
+            stop = min(end, escape_at + (2 if body[escape_at + 1] == _SLASH else 6))
+        piece = _unescape(bytes(body[at:stop]))
         out[written : written + len(piece)] = piece
         written += len(piece)
         at = stop
@@ -121,6 +164,14 @@ class CutBody:
     cuts: list[tuple[int, int, bytes]]  # (start, end, placeholder) in body order
     long_text_bytes: int  # bytes of text in long text values: a lower bound of the text
     strings: LongStrings
+
+    def kept(self) -> Iterator[memoryview]:
+        """The parts of the body that stay (all but the cut strings)."""
+        kept_from = 0
+        for start, end, _ in self.cuts:
+            yield self.body[kept_from:start]
+            kept_from = end
+        yield self.body[kept_from:]
 
     @property
     def remainder_size(self) -> int:
@@ -153,7 +204,7 @@ def cut_long_strings(body: memoryview) -> CutBody:
             continue
         escapes = backslashes(body, start, end)
         if key in TEXT_KEYS:
-            long_text += end - start - escapes
+            long_text += end - start - 5 * escapes  # an escape is 6 bytes at most
             continue
         value = unescaped(body, start, end) if escapes else body[start:end]
         cuts.append((start, end, strings.add(value)))

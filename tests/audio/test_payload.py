@@ -73,3 +73,21 @@ def test_base64_data_uri_from_cut_bytes() -> None:
     with pytest.raises(InvalidRequestError) as caught:
         decode_data_uri(memoryview(b"data:text/plain;base64,QUJD"), 1000)
     assert caught.value.code == "invalid_data_uri"
+
+
+def test_unicode_whitespace_and_surrogates_in_a_str() -> None:
+    raw = b"ABCDEFGH"
+    encoded = base64.b64encode(raw).decode()
+    assert bytes(decode_base64_audio(encoded[:4] + "\u00a0\u2028" + encoded[4:], 100)) == raw
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_base64_audio("QUJD\ud800", 100)  # a lone surrogate: invalid, not a crash
+    assert caught.value.code == "invalid_base64"
+
+
+def test_a_view_is_stripped_of_much_whitespace() -> None:
+    raw = random.Random(3).randbytes(30)
+    uri = b"data:audio/wav;base64," + base64.b64encode(raw)
+    padded = b" \n" * 40 + uri + b"\t " * 50
+    assert bytes(payload.strip_payload(memoryview(padded))) == uri
+    assert bytes(decode_data_uri(memoryview(padded), 1000)) == raw
+    assert bytes(payload.strip_payload(memoryview(b" \n\t "))) == b""

@@ -74,7 +74,9 @@ def encodings(value: Any, rng: random.Random) -> list[bytes]:
     compact = msgspec.json.encode(value)
     return [
         compact,
-        compact.replace(b"/", b"\\/"),  # a slash only ever stands in a string
+        compact.replace(b"/", b"\\/"),  # a slash only ever stands in a string (PHP)
+        compact.replace(b"=", b"\\u003d"),  # so does "=" (Gson)
+        compact.replace(b"+", b"\\u002B").replace(b"/", b"\\u002f"),  # .NET, and more
         json.dumps(value, indent=rng.choice([None, 1, "\t"]),
                    separators=rng.choice([(",", ":"), (" , ", " :  ")])).encode(),
     ]
@@ -107,10 +109,27 @@ def test_only_whole_audio_values_are_cut() -> None:
         b'{"a\\"data": "' + long.encode() + b'"}',  # a key that ends in "data
         b'{"data": "' + long.encode() + b'\\n"}',  # an escape other than \\/ at the end
         b'{"data": "\\\\/' + long.encode() + b'"}',  # an escaped backslash, then a slash
+        b'{"data": "\\u0022' + long.encode() + b'"}',  # an escaped quote is not plain
+        b'{"data": "\\\\u0041' + long.encode() + b'"}',  # an escaped backslash, then u0041
     ]:
         decoded, cut = cut_and_decode(trap)
         assert cut.cuts == [], trap
         assert decoded == msgspec.json.decode(trap)
+
+
+def test_a_key_at_the_edge_of_the_key_window_is_judged_whole() -> None:
+    """The key pattern looks back a fixed number of bytes; an escaped quote before the
+    key must be seen wherever the key falls in that window."""
+    value = b'"' + b"QUJD" * 10 + b'"'
+    for pad in range(40, 80):
+        for key in (b'"\\"data"', b'"\\"text"'):
+            body = b"{" + key + b" " * pad + b":" + value + b"}"
+            decoded, cut = cut_and_decode(body)
+            assert cut.cuts == [] and cut.long_text_bytes == 0, (pad, key)
+            assert decoded == msgspec.json.decode(body)
+        body = b'{"data"' + b" " * pad + b":" + value + b"}"
+        fits = len(b'"data"') + pad + len(b":") <= long_strings._KEY_WINDOW
+        assert len(cut_and_decode(body)[1].cuts) == (1 if fits else 0), pad
 
 
 def test_a_body_that_is_not_json_stays_invalid() -> None:
@@ -123,7 +142,7 @@ def test_a_body_that_is_not_json_stays_invalid() -> None:
             if rng.random() < 0.5 and at < len(body):
                 del body[at]
             else:
-                body[at:at] = rng.choice([b'"', b"\\", b":", b'"data":"', b"}"])
+                body[at:at] = rng.choice([b'"', b"\\", b":", b'"data":"', b"}", b"\\u00"])
         try:
             expected = msgspec.json.decode(bytes(body))
         except msgspec.DecodeError:
