@@ -47,10 +47,11 @@ def chat(content: object) -> bytes:
                                 "messages": [{"role": "user", "content": content}]})
 
 
-def two_audio_parts(as_data_uri: bool) -> list[object]:
-    """Two 44.1 kHz stereo WAVs, 24 MiB and 9 MiB: a legal body of about 44 MiB."""
+def two_audio_parts(as_data_uri: bool, durations: tuple[float, ...] = (142.0, 53.0)
+                    ) -> list[object]:
+    """44.1 kHz stereo WAVs, by default 24 MiB and 9 MiB: a legal body of about 44 MiB."""
     parts: list[object] = [{"type": "text", "text": "What do you hear?"}]
-    for seconds in (142.0, 53.0):
+    for seconds in durations:
         encoded = base64.b64encode(noise_wav(seconds, 44100, 2)).decode("ascii")
         if as_data_uri:
             parts.append({"type": "audio_url",
@@ -71,6 +72,9 @@ def bodies() -> dict[str, tuple[str, Callable[[], bytes]]]:
         "escaped-slashes": ("the same with every '/' written '\\/' (PHP's json_encode)",
                             lambda: chat(two_audio_parts(as_data_uri=False))
                             .replace(b"/", b"\\/")),
+        "escaped-plus": ("the 24 MiB WAV with every '+' written '\\u002B' (.NET), 35 MiB",
+                         lambda: chat(two_audio_parts(False, (142.0,)))
+                         .replace(b"+", b"\\u002B")),
         "ascii-text": ("40 MiB of ASCII text (refused: too long)",
                        lambda: chat("word " * (40 * MIB // 5))),
         "cjk-text": ("40 MiB of CJK text (refused: too long)",
