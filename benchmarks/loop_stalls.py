@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -62,7 +63,22 @@ def two_audio_parts(as_data_uri: bool, durations: tuple[float, ...] = (142.0, 53
     return parts
 
 
-def bodies() -> dict[str, tuple[str, Callable[[], bytes]]]:
+@dataclass(frozen=True)
+class Upload:
+    """A body for another route than chat completions."""
+
+    path: str
+    content: bytes
+    content_type: str
+
+
+def transcription_upload() -> Upload:
+    request = httpx.Request("POST", "http://x/", data={"model": MODEL},
+                            files={"file": ("a.wav", noise_wav(142.0, 44100, 2), "audio/wav")})
+    return Upload("/audio/transcriptions", request.read(), request.headers["content-type"])
+
+
+def bodies() -> dict[str, tuple[str, Callable[[], bytes | Upload]]]:
     """name -> (what it is, body maker): made lazily, each case holds one body."""
     return {
         "base64": ("2 WAVs as input_audio base64 (legal, 44 MiB)",
@@ -75,6 +91,8 @@ def bodies() -> dict[str, tuple[str, Callable[[], bytes]]]:
         "escaped-plus": ("the 24 MiB WAV with every '+' written '\\u002B' (.NET), 35 MiB",
                          lambda: chat(two_audio_parts(False, (142.0,)))
                          .replace(b"+", b"\\u002B")),
+        "multipart": ("a 24 MiB WAV uploaded to /v1/audio/transcriptions (legal)",
+                      transcription_upload),
         "ascii-text": ("40 MiB of ASCII text (refused: too long)",
                        lambda: chat("word " * (40 * MIB // 5))),
         "cjk-text": ("40 MiB of CJK text (refused: too long)",
@@ -113,7 +131,7 @@ def longest_lag(before: dict[float, float], after: dict[float, float]) -> str:
     return f"> {bounds[-1] * 1000:g}"
 
 
-def run_case(server: ServerProcess, body: bytes) -> tuple[int, float, str, float]:
+def run_case(server: ServerProcess, body: bytes | Upload) -> tuple[int, float, str, float]:
     """(status, request seconds, longest loop lag ms (bucket), slowest /health ms)."""
     before = lag_buckets(server)
     done = threading.Event()
@@ -131,8 +149,10 @@ def run_case(server: ServerProcess, body: bytes) -> tuple[int, float, str, float
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     started = time.perf_counter()
-    reply = httpx.post(server.api_url + "/chat/completions", content=body, timeout=600,
-                       headers={"Content-Type": "application/json"})
+    upload = body if isinstance(body, Upload) else Upload(
+        "/chat/completions", body, "application/json")
+    reply = httpx.post(server.api_url + upload.path, content=upload.content, timeout=600,
+                       headers={"Content-Type": upload.content_type})
     took = time.perf_counter() - started
     done.set()
     poller.join(60)

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import mmap
 import re
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -33,6 +32,7 @@ from oai_audio_server.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from oai_audio_server.http.buffers import INLINE_BYTES, assemble
 from oai_audio_server.http.errors import decode_body
 from oai_audio_server.http.long_strings import LongStrings, cut_long_strings
 from oai_audio_server.runtime import Runtime
@@ -40,8 +40,6 @@ from oai_audio_server.settings import MIB
 
 T = TypeVar("T")
 
-# Below this, decoding takes a few ms at most: not worth a thread.
-INLINE_BYTES = 256 * 1024
 _SCAN_CHUNK = 1024 * 1024  # bounds each step that holds the GIL
 _ASCII = bytes(range(128))
 # JSON besides long audio strings: requests, history and tool lists of any real client fit
@@ -96,20 +94,6 @@ class BodyLimits:
 class DecodedBody(Generic[T]):
     value: T
     long_strings: LongStrings
-
-
-def assemble(chunks: list[bytes]) -> bytes | memoryview:
-    """One buffer from the received chunks. A large one is copied a chunk at a time into
-    fresh anonymous memory: one join would hold the GIL for the whole copy."""
-    total = sum(len(chunk) for chunk in chunks)
-    if total <= INLINE_BYTES:
-        return b"".join(chunks)
-    buffer = mmap.mmap(-1, total)
-    at = 0
-    for chunk in chunks:
-        buffer[at : at + len(chunk)] = chunk
-        at += len(chunk)
-    return memoryview(buffer)
 
 
 def decode_in_steps(

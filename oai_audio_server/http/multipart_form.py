@@ -7,26 +7,29 @@ only ever a string.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from oai_audio_server.errors import InvalidRequestError, UnsupportedMediaTypeError
+from oai_audio_server.http.buffers import assemble
 
 MAX_PARTS = 32
+STEP = 1024 * 1024  # a chunk larger than this is fed to the parser in steps
 
 
 @dataclass
 class FormPart:
     name: str
-    data: bytes
+    data: bytes | memoryview  # a large upload is a view of anonymous memory (no join)
     filename: str | None = None
     content_type: str | None = None
 
     def text(self) -> str:
         try:
-            return self.data.decode("utf-8")
+            return bytes(self.data).decode("utf-8")
         except UnicodeDecodeError as error:
             raise InvalidRequestError(
                 f"the form field '{self.name}' is not UTF-8 text", param=self.name
@@ -38,19 +41,21 @@ class _PartBuilder:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     header_field: bytearray = field(default_factory=bytearray)
     header_value: bytearray = field(default_factory=bytearray)
-    data: bytearray = field(default_factory=bytearray)
+    pieces: list[bytes] = field(default_factory=list)
 
 
 def parse_multipart(body: bytes, content_type: str | None) -> dict[str, FormPart]:
     """Form parts by field name (the first part wins when a name repeats)."""
     parts: dict[str, FormPart] = {}
-    for part in parse_multipart_parts(body, content_type):
+    for part in parse_multipart_parts([body], content_type):
         parts.setdefault(part.name, part)
     return parts
 
 
-def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPart]:
-    """Every form part, in order (repeated names such as ``timestamp_granularities[]``)."""
+def parse_multipart_parts(chunks: Iterable[bytes], content_type: str | None) -> list[FormPart]:
+    """Every form part, in order (repeated names such as ``timestamp_granularities[]``).
+    The body comes as the chunks it arrived in, and is parsed a chunk at a time, so that
+    no step holds the GIL for the whole upload."""
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data":
@@ -89,7 +94,7 @@ def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPar
         current.header_value.clear()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        current.data += data[start:end]
+        current.pieces.append(data[start:end])
 
     def on_part_end() -> None:
         disposition, params = parse_options_header(current.headers.get(b"content-disposition"))
@@ -102,7 +107,7 @@ def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPar
         parts.append(
             FormPart(
                 name=key,
-                data=bytes(current.data),
+                data=assemble(current.pieces),
                 filename=filename.decode("utf-8", "replace") if filename is not None else None,
                 content_type=part_type.decode("latin-1") if part_type else None,
             ),
@@ -120,7 +125,9 @@ def parse_multipart_parts(body: bytes, content_type: str | None) -> list[FormPar
         },
     )
     try:
-        parser.write(body)
+        for chunk in chunks:
+            for start in range(0, len(chunk), STEP):
+                parser.write(chunk[start : start + STEP])
         parser.finalize()
     except MultipartParseError as error:
         raise InvalidRequestError(f"the multipart body is malformed: {error}") from error

@@ -16,7 +16,13 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from oai_audio_server.errors import InvalidRequestError, UnsupportedMediaTypeError
-from oai_audio_server.http.body import INLINE_BYTES, is_json_media_type, media_type, read_json
+from oai_audio_server.http.body import (
+    INLINE_BYTES,
+    is_json_media_type,
+    media_type,
+    read_chunks,
+    read_json,
+)
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
 from oai_audio_server.http.multipart_form import FormPart, parse_multipart_parts
 from oai_audio_server.http.request_log import current_record
@@ -65,12 +71,12 @@ async def _from_form(
 ) -> PreparedTranscription:
     # The body is already capped by the app's size limit; parsing it in memory means no
     # upload is ever spooled to a temporary file.
-    body = await request.body()
+    chunks = await read_chunks(request)
     content_type = request.headers.get("content-type")
-    if len(body) > INLINE_BYTES:  # parsing takes time in proportion to the body
-        parts = await runtime.offload(parse_multipart_parts, body, content_type)
+    if sum(len(chunk) for chunk in chunks) > INLINE_BYTES:  # work in proportion to the body
+        parts = await runtime.offload(parse_multipart_parts, chunks, content_type)
     else:
-        parts = parse_multipart_parts(body, content_type)
+        parts = parse_multipart_parts(chunks, content_type)
     granularities = [
         part.text()
         for part in parts

@@ -120,7 +120,12 @@ class TranscriptionService:
         self._runtime = runtime
 
     async def prepare_bytes(
-        self, options: TranscriptionOptions, data: bytes, format_hint: str | None, *, param: str
+        self,
+        options: TranscriptionOptions,
+        data: bytes | memoryview,
+        format_hint: str | None,
+        *,
+        param: str,
     ) -> PreparedTranscription:
         return await self._prepare_from(
             options, lambda: self._runtime.intake.from_bytes(data, format_hint), param

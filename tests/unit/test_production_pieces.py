@@ -13,6 +13,7 @@ import pytest
 
 from oai_audio_server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from oai_audio_server.http.auth import bearer_token, is_public
+from oai_audio_server.http import buffers, multipart_form
 from oai_audio_server.http.multipart_form import parse_multipart
 from oai_audio_server.http.request_log import JsonLineFormatter, RequestRecord
 from oai_audio_server.http.tutorial_routes import allowed_local_file
@@ -43,6 +44,26 @@ def test_multipart_keeps_binary_and_names_in_memory() -> None:
     assert parts["file"].data == payload
     assert parts["file"].filename == "../../etc/x.wav"
     assert parts["text"].text() == "héllo"
+
+
+def test_multipart_in_chunks_and_steps_gives_the_same_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A body is parsed in the chunks it arrived in, large ones in steps; a large upload
+    comes back as a view of fresh memory, byte for byte."""
+    monkeypatch.setattr(multipart_form, "STEP", 1000)
+    monkeypatch.setattr(buffers, "INLINE_BYTES", 5000)
+    payload = os.urandom(20_000) + b"\r\n--x\r\n"
+    request = httpx.Request("POST", "http://x/", data={"model": "m", "language": "de"},
+                            files={"file": ("a.wav", payload, "audio/wav")})
+    body, content_type = request.read(), request.headers["content-type"]
+    for size in (1, 7, 999, 1000, 4096, len(body)):
+        chunks = [body[at : at + size] for at in range(0, len(body), size)]
+        parts = multipart_form.parse_multipart_parts(chunks, content_type)
+        assert [(p.name, p.filename) for p in parts] == [
+            ("model", None), ("language", None), ("file", "a.wav")]
+        assert isinstance(parts[2].data, memoryview) and bytes(parts[2].data) == payload
+        assert parts[1].text() == "de"
 
 
 def test_multipart_rejects_other_bodies() -> None:
