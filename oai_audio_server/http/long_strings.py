@@ -55,10 +55,11 @@ class LongStrings:
     nonce: str = field(default_factory=lambda: secrets.token_hex(8))
     values: dict[str, memoryview] = field(default_factory=dict)
 
-    def add(self, value: memoryview) -> bytes:
+    def add(self, value: memoryview) -> str:
+        """A placeholder string that ``resolve`` turns into ``value``."""
         placeholder = f"\x00oas-long-string:{self.nonce}:{len(self.values)}"
         self.values[placeholder] = value
-        return b"\\u0000" + placeholder[1:].encode("ascii")
+        return placeholder
 
     def resolve(self, value: str) -> str | memoryview:
         """The bytes a placeholder stands for; any other string as it is."""
@@ -207,5 +208,6 @@ def cut_long_strings(body: memoryview) -> CutBody:
             long_text += end - start - 5 * escapes  # an escape is 6 bytes at most
             continue
         value = unescaped(body, start, end) if escapes else body[start:end]
-        cuts.append((start, end, strings.add(value)))
+        placeholder = strings.add(value)
+        cuts.append((start, end, b"\\u0000" + placeholder[1:].encode("ascii")))  # as JSON
     return CutBody(body, cuts, long_text, strings)

@@ -44,10 +44,14 @@ class _PartBuilder:
     pieces: list[bytes] = field(default_factory=list)
 
 
-def parse_multipart(body: bytes, content_type: str | None) -> dict[str, FormPart]:
-    """Form parts by field name (the first part wins when a name repeats)."""
+def parse_multipart(
+    body: bytes | list[bytes], content_type: str | None
+) -> dict[str, FormPart]:
+    """Form parts by field name (the first part wins when a name repeats); ``body`` is
+    the whole body or the chunks it arrived in."""
     parts: dict[str, FormPart] = {}
-    for part in parse_multipart_parts([body], content_type):
+    chunks = [body] if isinstance(body, bytes) else body
+    for part in parse_multipart_parts(chunks, content_type):
         parts.setdefault(part.name, part)
     return parts
 

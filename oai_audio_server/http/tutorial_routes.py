@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import mmap
 import pathlib
 import time
 from typing import Any
@@ -29,7 +30,9 @@ from oai_audio_server.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from oai_audio_server.http.body import read_chunks
 from oai_audio_server.http.disconnect import ClientDisconnected, unless_disconnected
+from oai_audio_server.http.long_strings import LongStrings
 from oai_audio_server.http.multipart_form import parse_multipart
 from oai_audio_server.http.request_log import current_record
 from oai_audio_server.http.transcription_routes import format_hint
@@ -85,8 +88,20 @@ def allowed_local_file(settings: Settings, raw: str) -> pathlib.Path:
     return target
 
 
-def _base64_text(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+# A multiple of 3, so that each step's base64 joins the next without padding.
+_ENCODE_STEP = 3 * 256 * 1024
+
+
+def base64_in_steps(data: bytes | memoryview) -> memoryview:
+    """The upload's base64, written a step at a time into anonymous memory: one
+    ``b64encode`` of 25 MiB would hold the GIL, and with it the event loop, throughout."""
+    out = mmap.mmap(-1, max(1, (len(data) + 2) // 3 * 4))
+    written = 0
+    for start in range(0, len(data), _ENCODE_STEP):
+        piece = base64.b64encode(data[start : start + _ENCODE_STEP])
+        out[written : written + len(piece)] = piece
+        written += len(piece)
+    return memoryview(out)[:written]
 
 
 def build_tutorial_routes(runtime: Runtime) -> list[Any]:
@@ -94,7 +109,11 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
     chat = ChatService(settings, runtime)
 
     async def answer(
-        request: Request[Any, Any, Any], audio: ContentPart, question: str, param: str
+        request: Request[Any, Any, Any],
+        audio: ContentPart,
+        question: str,
+        param: str,
+        payloads: LongStrings | None = None,
     ) -> Response[Any]:
         started = time.perf_counter()
         chat_request = ChatCompletionRequest(
@@ -102,7 +121,7 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
             messages=[ChatMessage(role="user", content=[audio, TextPart(text=question)])],
         )
         try:
-            prepared = await chat.prepare(chat_request)
+            prepared = await chat.prepare(chat_request, (payloads or LongStrings()).resolve)
         except APIError as error:
             # The chat service names chat-request fields; these clients sent form fields.
             if error.param and error.param.startswith("messages"):
@@ -133,7 +152,7 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
     )
     async def tutorial_upload(request: Request[Any, Any, Any]) -> Response[Any]:
         form = await runtime.offload(
-            parse_multipart, await request.body(), request.headers.get("content-type")
+            parse_multipart, await read_chunks(request), request.headers.get("content-type")
         )
         upload = form.get("file")
         if upload is None:
@@ -143,9 +162,10 @@ def build_tutorial_routes(runtime: Runtime) -> list[Any]:
                 code="missing_file",
             )
         question = form["text"].text() if "text" in form else DEFAULT_QUESTION
-        encoded = await runtime.offload(_base64_text, upload.data)
+        payloads = LongStrings()  # the upload goes to the chat path without a large str
+        encoded = payloads.add(await runtime.offload(base64_in_steps, upload.data))
         audio = InputAudioPart(InputAudio(data=encoded, format=format_hint(upload.filename, None)))
-        return await answer(request, audio, question or DEFAULT_QUESTION, "file")
+        return await answer(request, audio, question or DEFAULT_QUESTION, "file", payloads)
 
     @get(
         "/test-audio/",

@@ -3,6 +3,7 @@ multipart parser, the local-file rule of /test-audio/, and the request record.""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -12,8 +13,8 @@ import httpx
 import pytest
 
 from oai_audio_server.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from oai_audio_server.http import buffers, multipart_form, tutorial_routes
 from oai_audio_server.http.auth import bearer_token, is_public
-from oai_audio_server.http import buffers, multipart_form
 from oai_audio_server.http.multipart_form import parse_multipart
 from oai_audio_server.http.request_log import JsonLineFormatter, RequestRecord
 from oai_audio_server.http.tutorial_routes import allowed_local_file
@@ -64,6 +65,14 @@ def test_multipart_in_chunks_and_steps_gives_the_same_parts(
             ("model", None), ("language", None), ("file", "a.wav")]
         assert isinstance(parts[2].data, memoryview) and bytes(parts[2].data) == payload
         assert parts[1].text() == "de"
+
+
+def test_upload_base64_in_steps_equals_one_encode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tutorial_routes, "_ENCODE_STEP", 6)
+    for size in (0, 1, 2, 5, 6, 7, 100):
+        data = os.urandom(size)
+        assert bytes(tutorial_routes.base64_in_steps(data)) == base64.b64encode(data)
+        assert bytes(tutorial_routes.base64_in_steps(memoryview(data))) == base64.b64encode(data)
 
 
 def test_multipart_rejects_other_bodies() -> None:
