@@ -16,7 +16,6 @@ import base64
 import re
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS_DIR))
 
 from media import wav_bytes  # noqa: E402
-from server_process import ServerProcess, running_server  # noqa: E402
+from server_process import ServerProcess, running_server, slowest_health_while  # noqa: E402
 
 MODEL = "stalls"
 MIB = 1024 * 1024
@@ -134,31 +133,21 @@ def longest_lag(before: dict[float, float], after: dict[float, float]) -> str:
 def run_case(server: ServerProcess, body: bytes | Upload) -> tuple[int, float, str, float]:
     """(status, request seconds, longest loop lag ms (bucket), slowest /health ms)."""
     before = lag_buckets(server)
-    done = threading.Event()
-    health: list[float] = []
-
-    def poll() -> None:
-        with httpx.Client(timeout=60) as client:
-            deadline = time.monotonic() + 600
-            while not done.is_set() and time.monotonic() < deadline:
-                started = time.perf_counter()
-                client.get(server.base_url + "/health")
-                health.append(time.perf_counter() - started)
-                time.sleep(0.02)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    started = time.perf_counter()
     upload = body if isinstance(body, Upload) else Upload(
         "/chat/completions", body, "application/json")
-    reply = httpx.post(server.api_url + upload.path, content=upload.content, timeout=600,
-                       headers={"Content-Type": upload.content_type})
-    took = time.perf_counter() - started
-    done.set()
-    poller.join(60)
+    replies: list[tuple[httpx.Response, float]] = []
+
+    def send() -> None:
+        started = time.perf_counter()
+        reply = httpx.post(server.api_url + upload.path, content=upload.content, timeout=600,
+                           headers={"Content-Type": upload.content_type})
+        replies.append((reply, time.perf_counter() - started))
+
+    slowest = slowest_health_while(server, send)
+    reply, took = replies[0]
     if reply.status_code >= 500:
         print(f"  server error: {reply.text[:300]}", file=sys.stderr)
-    return reply.status_code, took, longest_lag(before, lag_buckets(server)), 1000 * max(health)
+    return reply.status_code, took, longest_lag(before, lag_buckets(server)), 1000 * slowest
 
 
 def main() -> None:

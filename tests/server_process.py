@@ -7,8 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,3 +86,28 @@ def running_server(
         yield server
     finally:
         stop(server)
+
+
+def slowest_health_while(server: ServerProcess, work: Callable[[], None]) -> float:
+    """Run ``work`` while /health is polled; the slowest /health answer, in seconds."""
+    done = threading.Event()
+    latencies: list[float] = []
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            deadline = time.monotonic() + 300
+            while not done.is_set() and time.monotonic() < deadline:
+                started = time.perf_counter()
+                assert client.get(server.base_url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        work()
+    finally:
+        done.set()
+        poller.join(60)
+    assert len(latencies) >= 3, "too few /health probes to say anything"
+    return max(latencies)

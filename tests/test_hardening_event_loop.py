@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import base64
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,7 +17,7 @@ import msgspec
 import numpy as np
 import pytest
 from media import wav_bytes
-from server_process import ServerProcess, running_server
+from server_process import ServerProcess, running_server, slowest_health_while
 
 MODEL = "qwen-audio-chat"
 HEALTH_BOUND_SECONDS = 0.2  # the bound the issue names
@@ -41,42 +40,23 @@ def chat_body(content: object) -> bytes:
     return msgspec.json.encode({"model": MODEL, "messages": [{"role": "user", "content": content}]})
 
 
-def slowest_health_while(server: ServerProcess, work: Callable[[], None]) -> float:
-    """Run ``work`` while /health is polled; the slowest /health answer, in seconds."""
-    done = threading.Event()
-    latencies: list[float] = []
-
-    def poll() -> None:
-        with httpx.Client(timeout=30) as client:
-            deadline = time.monotonic() + 300
-            while not done.is_set() and time.monotonic() < deadline:
-                started = time.perf_counter()
-                assert client.get(server.base_url + "/health").status_code == 200
-                latencies.append(time.perf_counter() - started)
-                time.sleep(0.02)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        work()
-    finally:
-        done.set()
-        poller.join(60)
-    assert len(latencies) >= 3, "too few /health probes to say anything"
-    return max(latencies)
-
-
 def post(server: ServerProcess, body: bytes) -> httpx.Response:
     return httpx.post(server.api_url + "/chat/completions", content=body, timeout=120,
                       headers={"Content-Type": "application/json"})
 
 
+def post_while_polling(server: ServerProcess, body: bytes) -> tuple[httpx.Response, float]:
+    """The reply to ``body``, and the slowest /health answer while it was handled."""
+    replies: list[httpx.Response] = []
+    slowest = slowest_health_while(server, lambda: replies.append(post(server, body)))
+    return replies[0], slowest
+
+
 def test_a_40_mb_cjk_text_is_refused_without_holding_the_loop(big_server: ServerProcess) -> None:
     body = chat_body("汉字" * (40 * MIB // 6))
-    replies: list[httpx.Response] = []
-    slowest = slowest_health_while(big_server, lambda: replies.append(post(big_server, body)))
-    assert replies[0].status_code == 400, replies[0].text
-    assert replies[0].json()["error"]["code"] == "context_length_exceeded"
+    reply, slowest = post_while_polling(big_server, body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
     assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
 
 
@@ -101,10 +81,9 @@ def test_a_45_mb_percent_encoded_data_uri_is_decoded_off_the_loop(
 ) -> None:
     uri = "data:audio/wav," + "%41" * (45 * MIB // 3)
     body = chat_body([{"type": "audio_url", "audio_url": {"url": uri}}])
-    replies: list[httpx.Response] = []
-    slowest = slowest_health_while(big_server, lambda: replies.append(post(big_server, body)))
-    assert replies[0].status_code == 400, replies[0].text
-    assert replies[0].json()["error"]["code"] == "invalid_audio"
+    reply, slowest = post_while_polling(big_server, body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "invalid_audio"
     assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
 
 
@@ -122,10 +101,9 @@ def test_a_legal_44_mib_audio_body_is_answered_without_holding_the_loop(
             "data": noise_wav_base64(seconds, 44100, 2), "format": "wav"}})
     body = chat_body(parts).replace(b'"messages"', b'"max_tokens":1,"messages"')
     assert len(body) > 43 * MIB
-    replies: list[httpx.Response] = []
-    slowest = slowest_health_while(big_server, lambda: replies.append(post(big_server, body)))
-    assert replies[0].status_code == 200, replies[0].text
-    assert replies[0].json()["usage"]["prompt_tokens"] > 195 * 25  # 25 audio tokens a second
+    reply, slowest = post_while_polling(big_server, body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] > 195 * 25  # 25 audio tokens a second
     assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
 
 
@@ -133,10 +111,9 @@ def test_40_mb_of_ascii_text_is_refused_without_holding_the_loop(
     big_server: ServerProcess,
 ) -> None:
     body = chat_body([{"type": "text", "text": "word " * (40 * MIB // 5)}])
-    replies: list[httpx.Response] = []
-    slowest = slowest_health_while(big_server, lambda: replies.append(post(big_server, body)))
-    assert replies[0].status_code == 400, replies[0].text
-    assert replies[0].json()["error"]["code"] == "context_length_exceeded"
+    reply, slowest = post_while_polling(big_server, body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
     assert slowest < HEALTH_BOUND_SECONDS, f"/health took {slowest * 1000:.0f} ms"
 
 

@@ -88,8 +88,9 @@ class AudioIntake:
 
     async def from_base64(self, data: Payload, format_hint: str | None) -> PreparedAudio:
         """``data`` is a str, or the bytes of a long string cut out of the request JSON."""
-        if _is_data_uri(strip_payload(data)):
-            return await self.from_url(data)
+        stripped = strip_payload(data)
+        if _is_data_uri(stripped):
+            return await self.from_url(stripped)
         raw = await self._in_worker(decode_base64_audio, data, self._settings.max_audio_bytes)
         return await self.from_bytes(raw, format_hint)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import mmap
 
 import numpy as np
 
 from oai_audio_server.errors import InvalidAudioError, InvalidRequestError
+from oai_audio_server.memory import AnonymousBuffer
 
 Payload = str | memoryview
 AudioBytes = bytes | memoryview
@@ -49,22 +49,6 @@ def _piece(payload: Payload, start: int, end: int) -> bytes:
     return bytes(piece)
 
 
-class _Output:
-    """Bytes written in steps into anonymous memory, whose pages are touched only when
-    written; one ``bytes`` of it would be another copy holding the GIL."""
-
-    def __init__(self, capacity: int) -> None:
-        self._buffer = mmap.mmap(-1, max(1, capacity))
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self._buffer[self.size : self.size + len(data)] = data
-        self.size += len(data)
-
-    def view(self) -> memoryview:
-        return memoryview(self._buffer)[: self.size]
-
-
 def _invalid_base64() -> InvalidRequestError:
     return InvalidRequestError(
         "The audio data is not valid base64. Send the file's bytes base64-encoded "
@@ -78,7 +62,7 @@ def decode_base64_audio(data: Payload, max_bytes: int) -> AudioBytes:
     if len(data) > STEP_CHARS * 2 and (len(data) // 4) * 3 > 2 * max_bytes + 2:
         # Whitespace could not make up the difference in any real client's encoding.
         raise too_large(f"about {len(data) * 3 // 4} bytes", max_bytes)
-    output = _Output(len(data) * 3 // 4 + 3)
+    output = AnonymousBuffer(len(data) * 3 // 4 + 3)
     carry = b""
     padded = False
     for start in range(0, len(data), STEP_CHARS):
@@ -144,7 +128,7 @@ def percent_decode(raw: bytes) -> bytes:
 
 def _unquote_in_steps(payload: Payload, max_bytes: int) -> AudioBytes:
     """Percent-decoding in steps that never split an escape."""
-    output = _Output(min(len(payload) * 4, max_bytes + 1))  # UTF-8: 4 bytes a char at most
+    output = AnonymousBuffer(min(len(payload) * 4, max_bytes + 1))  # UTF-8: 4 bytes a char at most
     start = 0
     while start < len(payload):
         raw = _piece(payload, start, start + STEP_CHARS)

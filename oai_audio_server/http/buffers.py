@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import mmap
+from oai_audio_server.memory import AnonymousBuffer
 
 # Below this, joining, scanning or decoding a body takes a few ms at most: done at once.
 INLINE_BYTES = 256 * 1024
@@ -14,9 +14,7 @@ def assemble(chunks: list[bytes]) -> bytes | memoryview:
     total = sum(len(chunk) for chunk in chunks)
     if total <= INLINE_BYTES:
         return b"".join(chunks)
-    buffer = mmap.mmap(-1, total)
-    at = 0
+    buffer = AnonymousBuffer(total)
     for chunk in chunks:
-        buffer[at : at + len(chunk)] = chunk
-        at += len(chunk)
-    return memoryview(buffer)
+        buffer.write(chunk)
+    return buffer.view()

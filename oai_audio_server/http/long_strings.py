@@ -22,13 +22,14 @@ the same value, placeholders aside.
 
 from __future__ import annotations
 
-import mmap
 import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from oai_audio_server.memory import AnonymousBuffer
 
 MIN_LENGTH = 64 * 1024  # shorter strings cost well under a millisecond to decode
 STEP = 1024 * 1024  # bytes per step of any scan or copy that holds the GIL
@@ -140,8 +141,7 @@ def _unescape(piece: bytes) -> bytes:
 def unescaped(body: memoryview, start: int, end: int) -> memoryview:
     """The run's bytes with its escapes undone, copied in steps into fresh memory. (No
     escape in a run stands for a backslash, so undoing one never makes another.)"""
-    out = mmap.mmap(-1, end - start)
-    written = 0
+    out = AnonymousBuffer(end - start)
     at = start
     while at < end:
         stop = min(end, at + STEP)
@@ -150,11 +150,9 @@ def unescaped(body: memoryview, start: int, end: int) -> memoryview:
         if stop < end and last != -1:  # never split an escape
             escape_at = stop - len(tail) + last
             stop = min(end, escape_at + (2 if body[escape_at + 1] == _SLASH else 6))
-        piece = _unescape(bytes(body[at:stop]))
-        out[written : written + len(piece)] = piece
-        written += len(piece)
+        out.write(_unescape(bytes(body[at:stop])))
         at = stop
-    return memoryview(out)[:written]
+    return out.view()
 
 
 @dataclass

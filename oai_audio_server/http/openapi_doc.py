@@ -74,6 +74,11 @@ _SSE = {"text/event-stream": {"schema": {
     },
 }}}
 _ERRORS = {"default": {"description": "OpenAI's error body", "content": _json(_ref("ErrorBody"))}}
+
+
+def _json_replies(description: str, schema: str) -> dict[str, Any]:
+    """A 200 with the named JSON schema, and OpenAI's error body otherwise."""
+    return {"200": {"description": description, "content": _json(_ref(schema))}, **_ERRORS}
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}}
 
 
@@ -134,20 +139,16 @@ def _operations(settings: Settings) -> dict[tuple[str, str], dict[str, Any]]:
                 "type": "object", "required": ["file"], "properties": {
                     "file": {"type": "string", "contentMediaType": "application/octet-stream"},
                     "text": {"type": "string"}}}}}},
-            "responses": {"200": {"description": "the answer", "content": _json(
-                _ref("TutorialReply"))}, **_ERRORS},
+            "responses": _json_replies("the answer", "TutorialReply"),
         },
         ("/test-audio", "get"): {
-            "responses": {"200": {"description": "the answer", "content": _json(
-                _ref("TutorialReply"))}, **_ERRORS},
+            "responses": _json_replies("the answer", "TutorialReply"),
         },
         ("/v1/models", "get"): {
-            "responses": {"200": {"description": "the served names", "content": _json(
-                _ref("ModelList"))}, **_ERRORS},
+            "responses": _json_replies("the served names", "ModelList"),
         },
         ("/v1/models/{model_id}", "get"): {
-            "responses": {"200": {"description": "one served name", "content": _json(
-                _ref("ModelCard"))}, **_ERRORS},
+            "responses": _json_replies("one served name", "ModelCard"),
         },
         ("/health", "get"): {
             "responses": {"200": {"description": "ready; engine counters with the API key",

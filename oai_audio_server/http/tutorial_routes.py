@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import mmap
 import pathlib
 import time
 from typing import Any
@@ -36,6 +35,7 @@ from oai_audio_server.http.long_strings import LongStrings
 from oai_audio_server.http.multipart_form import parse_multipart
 from oai_audio_server.http.request_log import current_record
 from oai_audio_server.http.transcription_routes import format_hint
+from oai_audio_server.memory import AnonymousBuffer
 from oai_audio_server.protocol import (
     AudioURL,
     AudioURLPart,
@@ -95,13 +95,10 @@ _ENCODE_STEP = 3 * 256 * 1024
 def base64_in_steps(data: bytes | memoryview) -> memoryview:
     """The upload's base64, written a step at a time into anonymous memory: one
     ``b64encode`` of 25 MiB would hold the GIL, and with it the event loop, throughout."""
-    out = mmap.mmap(-1, max(1, (len(data) + 2) // 3 * 4))
-    written = 0
+    out = AnonymousBuffer((len(data) + 2) // 3 * 4)
     for start in range(0, len(data), _ENCODE_STEP):
-        piece = base64.b64encode(data[start : start + _ENCODE_STEP])
-        out[written : written + len(piece)] = piece
-        written += len(piece)
-    return memoryview(out)[:written]
+        out.write(base64.b64encode(data[start : start + _ENCODE_STEP]))
+    return out.view()
 
 
 def build_tutorial_routes(runtime: Runtime) -> list[Any]:
