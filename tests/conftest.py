@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from official_checkpoint import build_official_checkpoint, official_repo
 from qwen2_tiny import build_qwen2_checkpoint
-from server_process import ServerProcess, running_server
+from server_process import SUITE_FLAGS, ServerProcess, running_server
 from tiny_model import build_tiny_checkpoint
 
 
@@ -30,8 +30,7 @@ def server(
     with running_server(
         tiny_checkpoint,
         tmp_path_factory.mktemp("logs"),
-        "--served-model-name", "qwen-audio-chat,whisper-1,qwen/Qwen-Audio-Chat",
-        "--max-body-bytes", str(8 * 1024 * 1024),
+        *SUITE_FLAGS,
     ) as process:
         yield process
 

@@ -17,6 +17,12 @@ from pathlib import Path
 import httpx
 
 READY_TIMEOUT_SECONDS = 120.0
+# The shared suite servers' flags (one per model family): the names clients send, and a
+# body limit that keeps oversized-body tests quick.
+SUITE_FLAGS = (
+    "--served-model-name", "qwen-audio-chat,whisper-1,qwen/Qwen-Audio-Chat",
+    "--max-body-bytes", str(8 * 1024 * 1024),
+)
 
 
 def free_port() -> int:

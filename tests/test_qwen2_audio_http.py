@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_process import ServerProcess, running_server
+from server_process import SUITE_FLAGS, ServerProcess, running_server
 from test_chat_http import *  # noqa: F403  (the suite, collected again here)
 from test_transcription_http import *  # noqa: F403
 
@@ -21,8 +21,7 @@ def server(
     with running_server(
         qwen2_checkpoint,
         tmp_path_factory.mktemp("qwen2-logs"),
-        "--served-model-name", "qwen-audio-chat,whisper-1,qwen/Qwen-Audio-Chat",
-        "--max-body-bytes", str(8 * 1024 * 1024),
+        *SUITE_FLAGS,
     ) as process:
         yield process
 
