@@ -32,8 +32,8 @@ from tiny_model import build_tiny_checkpoint  # noqa: E402
 
 from oai_audio_server.audio.decode import decode_audio  # noqa: E402
 from oai_audio_server.audio.types import PreparedAudio  # noqa: E402
+from oai_audio_server.engine.core import BatchingEngine  # noqa: E402
 from oai_audio_server.engine.loader import ModelBundle, load_bundle  # noqa: E402
-from oai_audio_server.engine.scheduler import BatchingEngine  # noqa: E402
 from oai_audio_server.engine.types import (  # noqa: E402
     Finished,
     GenerationRequest,

@@ -127,21 +127,33 @@ class Settings:
     )
     max_batch_size: int = _setting(
         0,
-        "Most sequences decoded together in one forward pass; 0 = auto: as many as the KV "
-        "cache holds on a GPU (capped by the CUDA graph sizes), 8 on a CPU.",
+        "Most sequences decoded together in one forward pass; 0 = auto: 128 on a GPU (the "
+        "largest CUDA graph; rows past what the KV cache holds wait), 8 on a CPU.",
         "engine",
     )
     max_model_len: int = _setting(
         0,
-        "Longest prompt + answer in tokens, the length of one KV-cache slot; 0 = the "
-        "checkpoint's max_position_embeddings. Shorter slots fit more sequences.",
+        "Longest prompt + answer in tokens; 0 = the checkpoint's max_position_embeddings. "
+        "A sequence holds KV-cache blocks only for the tokens it has.",
         "engine",
     )
     kv_cache_memory_mb: int = _setting(
         0,
         "Memory for the KV cache in MiB; 0 = auto: --gpu-memory-fraction of the GPU minus "
-        "what the weights use, or on a CPU room for --max-batch-size sequences.",
+        "what the weights use, or on a CPU room for --max-batch-size full-length sequences.",
         "engine",
+    )
+    kv_block_size: int = _setting(
+        16, "Positions per KV-cache block (the unit sequences take cache memory in).",
+        "engine",
+    )
+    attention_backend: str = _setting(
+        "auto",
+        "Decode attention over the paged KV cache: triton (a kernel that reads each "
+        "sequence's own blocks; CUDA with Triton installed), sdpa (PyTorch's attention over "
+        "gathered blocks), or auto = triton where it can run, else sdpa.",
+        "engine",
+        choices=("auto", "triton", "sdpa"),
     )
     gpu_memory_fraction: float = _setting(
         0.9, "Share of the GPU's memory the server may use in all (auto KV-cache size).",
@@ -154,9 +166,10 @@ class Settings:
         "engine",
     )
     max_prefill_tokens: int = _setting(
-        8192,
-        "Most tokens in one prefill pass, counted after padding to its longest prompt "
-        "(running rows wait for it); a longer single prompt still starts alone.",
+        2048,
+        "Most prompt tokens in one prefill pass; longer prompts are prefilled in chunks of "
+        "this many, one chunk between two decode steps, so a running stream pauses for at "
+        "most one chunk.",
         "engine",
     )
     max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.", "engine")

@@ -17,8 +17,10 @@ from media import tone, wav_bytes
 
 from oai_audio_server.audio.decode import decode_audio
 from oai_audio_server.audio.types import PreparedAudio
+from oai_audio_server.engine.cache_plan import CacheOptions
+from oai_audio_server.engine.core import BatchingEngine
+from oai_audio_server.engine.handles import RequestHandle
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
-from oai_audio_server.engine.scheduler import BatchingEngine, RequestHandle
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -503,9 +505,11 @@ def test_a_3000_token_prompt_decodes_in_one_batch_with_short_ones(
     alone = solo(bundle, requests)
     batched, stats = all_at_once(bundle, requests)
     assert_same(batched, alone)
-    # The padded prefill budget (8192) takes the long prompt with one short one; the
-    # other short one joins at the next step, and all three decode together.
-    assert stats["peak_batch_size"] == 3 and stats["prefills"] == 2
+    # Chunked prefill: passes of at most --max-prefill-tokens (2048) packed in queue
+    # order, the short prompts riding in the long one's last chunk; all three then
+    # decode together.
+    total = sum(len(r.prompt_ids) for r in requests)
+    assert stats["peak_batch_size"] == 3 and stats["prefills"] == -(-total // 2048)
 
 
 def test_a_full_cache_makes_admissions_wait_not_fail(
@@ -524,7 +528,7 @@ def test_a_full_cache_makes_admissions_wait_not_fail(
         return list(await asyncio.gather(*(collect(h) for h in handles)))
 
     with engine_for(bundle, max_batch_size=2) as engine:
-        assert engine.runner is not None and engine.runner.cache.slots == 2
+        assert engine.runner is not None and engine.runner.capacity == 2
         outcomes = run(together(engine))
         stats = engine.stats()
     assert_same(outcomes, alone)
@@ -576,3 +580,78 @@ def test_cache_slots_come_back_after_finish_cancel_timeout_and_fault(
     assert_same(outcomes, alone)
     assert stats["peak_batch_size"] == 2
     assert stats["cancelled"] == 1 and stats["failed"] == 2
+
+
+def test_rows_take_blocks_as_they_grow_and_preemption_changes_no_answer(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    """A cache of 16 blocks of 16 positions for 4 rows that need about 33: rows are
+    admitted by free blocks, and when decoding runs out the latest row is preempted and
+    prefilled again later (prompt, audio and answer so far). Greedy and seeded answers
+    equal those of each request alone, and every block comes back."""
+    requests = varied_requests(builder, audio)[:4]
+    alone = solo(bundle, requests)
+    small = CacheOptions(num_blocks=16)
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=4, cache=small) as engine:
+        outcomes = run(together(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["preemptions"] >= 1 and stats["failed"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 16
+
+
+def test_chunked_prefill_answers_equal_whole_prompt_prefill(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    """Prompts prefilled 7 tokens a pass (chunks crossing block edges and audio spans),
+    interleaved with the decode steps of rows already running, answer as they do with
+    one whole-prompt pass."""
+    requests = varied_requests(builder, audio)
+    alone = solo(bundle, requests)
+
+    async def staggered(engine: BatchingEngine) -> list[Outcome]:
+        handles = []
+        for r in requests:
+            handles.append(engine.submit(r))
+            await asyncio.sleep(0.01)
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    longest = max(len(r.prompt_ids) for r in requests)
+    with engine_for(bundle, max_batch_size=8, cache=CacheOptions(max_prefill_tokens=7)) as engine:
+        outcomes = run(staggered(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["prefills"] >= -(-longest // 7)
+
+
+def test_a_stream_pauses_for_one_chunk_at_most_while_a_long_prompt_arrives(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """While a 3000-token prompt is prefilled in 256-token chunks, a running row keeps
+    getting a token after every chunk (counted in decode steps, not timed)."""
+    running = request(builder, "running", TextItem("Say something"), max_tokens=200)
+    long = request(builder, "long", TextItem(" ".join(f"w{i % 89}" for i in range(1200))),
+                   max_tokens=4)
+    chunks = -(-len(long.prompt_ids) // 256)
+
+    async def scenario(engine: BatchingEngine) -> tuple[float, float, float]:
+        first = engine.submit(running)
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 2, "running")
+        steps_before = engine.stats()["decode_steps"]
+        prefills_before = engine.stats()["prefills"]
+        await collect(engine.submit(long))
+        stats = engine.stats()
+        first.cancel()
+        return (stats["decode_steps"] - steps_before, stats["prefills"] - prefills_before,
+                stats["completion_tokens"])
+
+    options = CacheOptions(max_prefill_tokens=256)
+    with engine_for(bundle, max_batch_size=4, cache=options) as engine:
+        steps, prefills, _ = run(scenario(engine))
+    assert prefills == chunks
+    assert steps >= chunks  # a decode step of the running row after every chunk

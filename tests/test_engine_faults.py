@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from oai_audio_server.engine.core import BatchingEngine
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
-from oai_audio_server.engine.scheduler import BatchingEngine
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -35,18 +35,18 @@ def bundle(tiny_checkpoint: Path) -> ModelBundle:
 def engine(bundle: ModelBundle) -> Iterator[BatchingEngine]:
     model = bundle.model
     assert model is not None
-    original = model.prefill
+    original = model.embed_prompts  # the first model call a newcomer's prefill makes
 
-    def failing_prefill(prompts: Any, *args: Any, **kwargs: Any) -> Any:
+    def failing_embed(prompts: Any, *args: Any, **kwargs: Any) -> Any:
         if any(POISON in prompt for prompt in prompts):
             raise RuntimeError("poisoned prompt")
         return original(prompts, *args, **kwargs)
 
-    model.prefill = failing_prefill  # type: ignore[method-assign]
+    model.embed_prompts = failing_embed  # type: ignore[method-assign]
     engine = started_engine(bundle, max_batch_size=4)
     yield engine
     engine.close()
-    model.prefill = original  # type: ignore[method-assign]
+    model.embed_prompts = original  # type: ignore[method-assign]
 
 
 def started_engine(bundle: ModelBundle, **limits: int) -> BatchingEngine:

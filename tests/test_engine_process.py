@@ -17,9 +17,9 @@ from media import tone, wav_bytes
 
 from oai_audio_server.audio.decode import decode_audio
 from oai_audio_server.audio.types import PreparedAudio
+from oai_audio_server.engine.core import BatchingEngine
 from oai_audio_server.engine.loader import load_bundle
 from oai_audio_server.engine.process import EngineProcess
-from oai_audio_server.engine.scheduler import BatchingEngine
 from oai_audio_server.engine.types import (
     Failed,
     Finished,

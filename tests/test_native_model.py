@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+from paged_driver import PagedDriver
 from tiny_model import build_tiny_checkpoint, load_reference
 
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
-from oai_audio_server.engine.kv_cache import SlotKVCache
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
 from oai_audio_server.models.checkpoint import UnsupportedCheckpointError
 from oai_audio_server.models.qwen_audio.tokenizer import PAT_STR, load_bpe_ranks
@@ -56,9 +56,9 @@ def as_ref(segments: list[AudioSegmentFeatures]) -> list[tuple[torch.Tensor, int
     return [(s.mel, s.length_after_cnn, s.token_count) for s in segments]
 
 
-def cache_for(bundle: ModelBundle, slots: int = 4) -> SlotKVCache:
+def driver_for(bundle: ModelBundle, rows: int = 4, **options) -> PagedDriver:
     assert bundle.model is not None
-    return SlotKVCache(bundle.model.kv_layout, slots, bundle.max_model_len, bundle.device)
+    return PagedDriver(bundle.model, max_len=bundle.max_model_len, rows=rows, **options)
 
 
 def conversation(clips: list[PreparedAudio]) -> Conversation:
@@ -147,13 +147,11 @@ def test_logits_equal_the_reference_with_and_without_audio(bundle, reference, cl
     builder = QwenPromptBuilder(bundle.tokenizer, max_window_size=bundle.max_window_size)
     with_audio = builder.build(conversation(clips))
     text_only = builder.build(Conversation(query=(TextItem("What time is it?"),)))
-    model = bundle.model
-    cache = cache_for(bundle)
+    driver = driver_for(bundle)
     with torch.inference_mode():
-        # One prefill for both rows (their audio encoded as one batch)...
-        logits, state = model.prefill(
-            [with_audio.token_ids, text_only.token_ids],
-            [with_audio.audio_segments, []], [0, 1], cache,
+        # One packed prefill for both rows (their audio encoded as one batch)...
+        logits = driver.prefill(
+            [with_audio.token_ids, text_only.token_ids], [with_audio.audio_segments, []]
         )
         expected_audio = reference.logits(with_audio.token_ids,
                                           as_ref(with_audio.audio_segments))
@@ -161,8 +159,7 @@ def test_logits_equal_the_reference_with_and_without_audio(bundle, reference, cl
         assert torch.allclose(logits[0], expected_audio[-1], atol=TOLERANCE, rtol=0)
         assert torch.allclose(logits[1], expected_text[-1], atol=TOLERANCE, rtol=0)
         # ...then one decode step for both, each at its own position.
-        positions = torch.tensor([len(with_audio.token_ids), len(text_only.token_ids)])
-        step = model.decode(torch.tensor([11, 12]), positions, state, cache, 256)
+        step = driver.decode([11, 12])
         after_audio = reference.logits(with_audio.token_ids + [11],
                                        as_ref(with_audio.audio_segments))
         after_text = reference.logits(text_only.token_ids + [12], [])
@@ -178,14 +175,14 @@ def test_long_prompt_logits_use_its_own_ntk_and_logn(bundle, reference):
     """A 3000-token prompt (past seq_length 2048): NTK alpha 3 from its length, log-n
     scaling by position; relative tolerance since the logits are larger."""
     ids = [(i * 7) % 600 + 1 for i in range(3000)]
-    cache = cache_for(bundle)
+    driver = driver_for(bundle)
     with torch.inference_mode():
-        logits, state = bundle.model.prefill([ids], [[]], [2], cache)
+        driver.prefill([[1, 2, 3], [4, 5]])  # two short rows beside it
+        logits = driver.prefill([ids])
         expected = reference.logits(ids, [])[-1]
         scale = expected.abs().max()
         assert (logits[0] - expected).abs().max() <= TOLERANCE * scale
-        step = bundle.model.decode(torch.tensor([0, 0, 9]), torch.tensor([0, 0, 3000]),
-                                   torch.tensor([0, 0, int(state[0])]), cache, 4096)
+        step = driver.decode([0, 0, 9])
         after = reference.logits(ids + [9], [], prompt_len=3000)[-1]
         assert (step[2] - after).abs().max() <= TOLERANCE * scale
         # Not the alpha of a short prompt: the long-context parts are really used.
@@ -261,21 +258,25 @@ def test_a_checkpoint_of_another_model_gets_a_clear_error(tmp_path: Path, tiny_c
 
 
 def test_padding_rows_of_a_captured_batch_size_do_not_change_the_real_rows(bundle):
-    """A CUDA graph runs a batch in the next captured size: rows past the batch read
-    free slots. Their presence must not change the real rows' logits (checked eagerly;
-    the graph replays the same computation)."""
+    """A CUDA graph runs a batch in the next captured size: rows past the batch point at
+    the reserved block 0. Their presence must not change the real rows' logits (checked
+    eagerly; the graph replays the same computation)."""
     from oai_audio_server.engine.runner import bucket_for, kv_buckets
 
     assert kv_buckets(1000) == [256, 512, 1000] and kv_buckets(256) == [256]
+    assert kv_buckets(1000, 16) == [256, 512, 1008]
     assert bucket_for(257, kv_buckets(1000)) == 512 and bucket_for(3, [1, 2, 4]) == 4
-    cache = cache_for(bundle, slots=4)
-    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    driver = driver_for(bundle)
     with torch.inference_mode():
-        _, state = bundle.model.prefill(prompts, [[], []], [0, 1], cache)
-        tokens, positions = torch.tensor([20, 21]), torch.tensor([5, 3])
-        alone = bundle.model.decode(tokens, positions, state, cache, 256)
-        padded = bundle.model.decode(torch.tensor([20, 21, 0, 0]),
-                                     torch.tensor([5, 3, 0, 0]),
-                                     torch.cat([state, torch.zeros(2, dtype=torch.long)]),
-                                     cache, 512)
+        driver.prefill([[5, 6, 7, 8, 9], [10, 11, 12]])
+        runner = driver.runner
+        for index, token in enumerate([20, 21]):
+            runner.rows.tokens[index] = token
+            runner.rows.positions[index] = driver.lengths[index]
+        runner.rows.block_tables[0, 0] = driver.tables[0][0]
+        runner.rows.block_tables[1, 0] = driver.tables[1][0]
+        runner.rows.clear_from(2)
+        alone = runner.decode(2, 5)
+        runner.rows.positions[:2] -= 0  # the same step again, now as a padded batch of 4
+        padded = runner.decode(4, 5)
     assert torch.allclose(alone, padded[:2], atol=1e-5, rtol=0)

@@ -20,10 +20,10 @@ import pytest
 import torch
 from media import audio_part, tone, wav_bytes
 from official_checkpoint import REPO_ENV, official_chat, official_repo
+from paged_driver import PagedDriver
 from server_process import ServerProcess
 
 from oai_audio_server.audio.intake import AudioIntake
-from oai_audio_server.engine.kv_cache import SlotKVCache
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
 from oai_audio_server.qwen.conversation import AudioItem, Conversation, HistoryTurn, TextItem
 from oai_audio_server.qwen.prompt import QwenPromptBuilder
@@ -141,10 +141,9 @@ def test_prompt_audio_and_logits_equal_the_official_forward(
         ours = torch.stack([s.mel for s in prompt.audio_segments])
         assert torch.allclose(ours, torch.tensor(expected["input_audios"]), atol=1e-4)
     assert bundle.model is not None
-    cache = SlotKVCache(bundle.model.kv_layout, 1, bundle.max_model_len, bundle.device)
+    driver = PagedDriver(bundle.model, max_len=bundle.max_model_len, rows=1)
     with torch.inference_mode():
-        logits, _ = bundle.model.prefill([prompt.token_ids], [prompt.audio_segments], [0],
-                                         cache)
+        logits = driver.prefill([prompt.token_ids], [prompt.audio_segments])
     theirs = torch.tensor(expected["last_logits"])
     assert torch.allclose(logits[0], theirs, atol=TOLERANCE, rtol=0)
 

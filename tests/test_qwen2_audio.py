@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from paged_driver import PagedDriver
 from qwen2_tiny import load_reference
 from test_engine_batching import all_at_once, assert_same, solo
 
 from oai_audio_server.audio.types import PreparedAudio
-from oai_audio_server.engine.kv_cache import SlotKVCache
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
 from oai_audio_server.engine.types import GenerationRequest, SamplingParams
 from oai_audio_server.models.qwen2_audio.model import Qwen2AudioModel
@@ -153,16 +153,15 @@ def test_logits_match_the_reference_with_and_without_audio(bundle, builder, refe
     assert isinstance(ours, Qwen2AudioModel)
     convs = conversations(bundle)
     prompts = [builder.build(c) for c in convs]
-    cache = SlotKVCache(ours.kv_layout, len(prompts), 1024, torch.device("cpu"))
+    driver = PagedDriver(ours, max_len=1024, rows=len(prompts))
     with torch.no_grad():
-        logits, state = ours.prefill(
-            [p.token_ids for p in prompts], [p.audio_segments for p in prompts],
-            list(range(len(prompts))), cache,
+        # Prefilled 5 tokens a pass: chunks that read earlier chunks' keys from the cache.
+        logits = driver.prefill(
+            [p.token_ids for p in prompts], [p.audio_segments for p in prompts], chunk=5
         )
-    lengths = [len(p.token_ids) for p in prompts]
     nexts = logits.argmax(-1)
     with torch.no_grad():
-        stepped = ours.decode(nexts, torch.tensor(lengths), state, cache, 1024)
+        stepped = driver.decode(nexts.tolist())
     for row, conversation in enumerate(convs):
         inputs = reference_inputs(
             processor, reference_messages(builder, conversation), waves_of(conversation)

@@ -1,9 +1,9 @@
-"""Which waiting requests start at the next step boundary: decided on lengths alone.
+"""Which waiting requests start at the next step boundary: decided on sizes alone.
 
-With a slot KV cache any request can join a running batch at any step, at its own
-length, so the only limits are free slots and how long one prefill may pause the rows
-already decoding. The queue is first-in first-out: a request never passes an earlier
-one, so nothing starves.
+On a paged KV cache a request can join the running batch at any step; what limits it is a
+free row (the batch's size) and free blocks for its whole prompt (its answer's blocks are
+taken one at a time as it decodes; when they run out the engine preempts, see core.py).
+The queue is first-in first-out: a request never passes an earlier one, so nothing starves.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Waiting:
-    prompt_len: int
+    blocks: int  # KV-cache blocks its prompt needs
     waited_steps: int = 0  # decode steps since it was queued
 
 
@@ -23,33 +23,28 @@ def plan_admission(
     *,
     running: int,
     capacity: int,
-    max_prefill_tokens: int,
+    free_blocks: int,
     join_wait_steps: int = 0,
 ) -> list[int]:
-    """Indices (into ``waiting``) of the requests to prefill now, in queue order.
+    """Indices (into ``waiting``) of the requests to start now, in queue order.
 
-    - at most the free slots (``capacity - running``);
-    - at most ``max_prefill_tokens`` padded prompt tokens in one prefill (the prompts are
-      right-padded to the longest, so rows x longest counts), but always the first waiting
-      request when a slot is free (a long prompt is never stuck);
-    - while a batch runs and the queue holds fewer requests than free slots, requests
-      wait up to ``join_wait_steps`` decode steps for company, so that requests arriving
-      close together share one prefill (each prefill pauses every running row once).
+    - at most the free rows (``capacity - running``);
+    - only while the free blocks hold each one's prompt, in queue order (the first that
+      does not fit stops the rest: it is next once blocks free up);
+    - while a batch runs and the queue holds fewer requests than free rows, requests wait
+      up to ``join_wait_steps`` decode steps for company, so that requests arriving close
+      together share one prefill pass.
     """
-    free = capacity - running
-    if free <= 0 or not waiting:
+    free_rows = capacity - running
+    if free_rows <= 0 or not waiting:
         return []
-    gathering = running > 0 and len(waiting) < free
+    gathering = running > 0 and len(waiting) < free_rows
     if gathering and all(w.waited_steps < join_wait_steps for w in waiting):
         return []
     chosen: list[int] = []
-    longest = 0
     for index, request in enumerate(waiting):
-        if len(chosen) == free:
-            break
-        padded = (len(chosen) + 1) * max(longest, request.prompt_len)
-        if chosen and padded > max_prefill_tokens:
+        if len(chosen) == free_rows or request.blocks > free_blocks:
             break
         chosen.append(index)
-        longest = max(longest, request.prompt_len)
+        free_blocks -= request.blocks
     return chosen

@@ -1,9 +1,11 @@
-"""Rows decoding together and the device state of their next step.
+"""Rows of the running batch and the device state of their next decode step.
 
-Row i of the batch lives in KV-cache slot i (see kv_cache.py). The tensors a decode step
-reads (each row's next input token, its position and its rotary variant) stay on the
-device and are updated there: the sampled ids are copied in, the positions advance by
-one. Only when rows join or leave are they rebuilt from the host.
+A row holds the KV-cache blocks its tokens need (its block table, in position order). The
+decoding rows are rows 0..n-1 of the device tensors a decode step reads (next input token,
+position, rotary variant, block table); they stay on the device and are updated there: the
+sampled ids are copied in, the positions advance by one. When a row leaves, the last row's
+entries move into its place (a few numbers, never its keys and values: those stay in their
+blocks).
 """
 
 from __future__ import annotations
@@ -20,46 +22,62 @@ from oai_audio_server.engine.sampling import RowSampling
 
 @dataclass(eq=False)
 class Row:
-    """One request being decoded."""
+    """One request being prefilled or decoded."""
 
-    handle: Any  # engine.scheduler.RequestHandle
+    handle: Any  # engine.handles.RequestHandle
     text: IncrementalText
     sampling: RowSampling
     pacer: TextPacer
-    # Position the row's next input token is written to (its length so far).
+    variant: int  # the rotary table of every position (chosen by the prompt's length)
+    # Position the row's next input token is written to (its length in the cache so far).
     position: int = 0
     generated: list[int] = field(default_factory=list)
     finished: bool = False
+    blocks: list[int] = field(default_factory=list)
+    # While prefilling: the embeddings still to run and how many of them ran.
+    pending: torch.Tensor | None = None
+    prefilled: int = 0
+    # A row preempted and resumed has its next input token already (no sampling after
+    # its prefill).
+    resumed: bool = False
+
+    @property
+    def prefill_total(self) -> int:
+        return 0 if self.pending is None else int(self.pending.shape[0])
 
 
 class DeviceRows:
-    """Per-row decode inputs for up to ``capacity`` rows, kept on the device."""
+    """Per-row decode inputs for up to ``capacity`` rows, kept on the device. Rows past
+    the batch are padding for a captured graph: their block tables point at block 0,
+    which the engine never hands out, so their writes land nowhere that is read."""
 
-    def __init__(self, capacity: int, device: torch.device) -> None:
+    def __init__(self, capacity: int, max_blocks: int, device: torch.device) -> None:
         self.tokens = torch.zeros(capacity, dtype=torch.long, device=device)
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.row_state = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.variants = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros((capacity, max_blocks), dtype=torch.long, device=device)
         self._device = device
 
-    def load(
-        self, start: int, tokens: torch.Tensor, positions: list[int], state: torch.Tensor
-    ) -> None:
-        """Rows ``start..`` from a prefill: first sampled ids, positions, variants."""
-        end = start + len(positions)
-        self.tokens[start:end] = tokens
-        self.positions[start:end] = torch.tensor(positions, dtype=torch.long).to(self._device)
-        self.row_state[start:end] = state
+    def load(self, index: int, token: torch.Tensor, row: Row) -> None:
+        """Row ``index`` from a finished prefill: its next input token [1] (on the
+        device), its position, variant and blocks."""
+        self.tokens[index : index + 1] = token
+        values = torch.tensor([row.position, row.variant], dtype=torch.long)
+        self.positions[index], self.variants[index] = values.to(self._device)
+        table = torch.zeros(self.block_tables.shape[1], dtype=torch.long)
+        table[: len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.long)
+        self.block_tables[index] = table.to(self._device)
+
+    def set_block(self, index: int, slot: int, block: int) -> None:
+        self.block_tables[index, slot] = block
 
     def move(self, source: int, target: int) -> None:
-        for tensor in (self.tokens, self.positions, self.row_state):
+        for tensor in (self.tokens, self.positions, self.variants, self.block_tables):
             tensor[target] = tensor[source]
 
     def clear_from(self, start: int) -> None:
-        """Rows past the batch are padding for a captured graph: keep their positions
-        in range (they write to free slots only)."""
-        self.positions[start:] = 0
-        self.tokens[start:] = 0
-        self.row_state[start:] = 0
+        for tensor in (self.tokens, self.positions, self.variants, self.block_tables):
+            tensor[start:] = 0
 
     def advance(self, count: int, chosen: torch.Tensor) -> None:
         self.tokens[:count] = chosen

@@ -41,15 +41,10 @@ from collections.abc import Callable
 from typing import Any
 
 from oai_audio_server.engine.cache_plan import CacheOptions
+from oai_audio_server.engine.core import COUNTERS, BatchingEngine
+from oai_audio_server.engine.handles import LoopSink, Outbox, RequestHandle
 from oai_audio_server.engine.load_report import ModelLoadError, explained_loader
 from oai_audio_server.engine.loader import ModelBundle, ModelInfo, load_front_bundle
-from oai_audio_server.engine.scheduler import (
-    COUNTERS,
-    BatchingEngine,
-    LoopSink,
-    Outbox,
-    RequestHandle,
-)
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -68,7 +63,7 @@ from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-STAT_NAMES = ("queue_depth", "batch_size", *COUNTERS)
+STAT_NAMES = ("queue_depth", "batch_size", "kv_blocks_total", "kv_blocks_free", *COUNTERS)
 Connection = multiprocessing.connection.Connection
 
 

@@ -1,5 +1,5 @@
 """What the engine needs of a model family: one interface, so every family runs on the
-same cache, batching, sampling and CUDA graphs."""
+same paged cache, batching, sampling and CUDA graphs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Protocol
 import torch
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
-from oai_audio_server.engine.kv_cache import KVLayout, SlotKVCache
+from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
 
 
 class EngineModel(Protocol):
@@ -18,27 +19,34 @@ class EngineModel(Protocol):
     @property
     def kv_layout(self) -> KVLayout: ...
 
-    def prefill(
+    def rotary_variant(self, prompt_len: int) -> int:
+        """The rotary table a row uses for all its positions (Qwen-Audio's dynamic NTK
+        is chosen by the prompt's length)."""
+        ...
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def embed_prompts(
         self,
         prompts: Sequence[Sequence[int]],
         audio: Sequence[Sequence[AudioSegmentFeatures]],
-        slots: Sequence[int],
-        cache: SlotKVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run whole prompts (with their audio) and write their keys and values into
-        ``slots``. Returns the float32 logits of each prompt's last position [rows, vocab]
-        and a per-row state for decode [rows] (the row's rotary variant)."""
+    ) -> list[torch.Tensor]:
+        """[len, hidden] per prompt, audio spans filled from the encoder (one batch)."""
+        ...
+
+    def prefill(
+        self, embeds: torch.Tensor, positions: torch.Tensor, variants: torch.Tensor,
+        cache: PagedKVCache, meta: PrefillMeta,
+    ) -> torch.Tensor:
+        """Packed chunks [tokens, hidden] at ``positions`` with rotary ``variants``
+        [tokens]: keys and values written to ``meta.slots``; returns float32 logits
+        [len(meta.last_index), vocab]."""
         ...
 
     def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        row_state: torch.Tensor,
-        cache: SlotKVCache,
-        kv_len: int,
+        self, tokens: torch.Tensor, variants: torch.Tensor, cache: PagedKVCache,
+        meta: DecodeMeta,
     ) -> torch.Tensor:
-        """One token per running row (row i in slot i) at ``positions``; attends over the
-        first ``kv_len`` cache positions. Returns float32 logits [rows, vocab]. Tensor
-        shapes depend only on the row count and ``kv_len``, so it can be graph-captured."""
+        """One token per row at ``meta.positions``; float32 logits [rows, vocab]. Tensor
+        shapes depend only on the row count (and the sdpa backend's ``kv_len``)."""
         ...

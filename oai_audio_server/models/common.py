@@ -1,10 +1,8 @@
-"""Pieces every model family's engine code needs in the same form: loading parameters
-by checkpoint name, right-padded prompt ids, the last prompt position of each row, and
-the per-row attention window of a decode step."""
+"""Loading parameters by checkpoint name, the same for every model family."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -37,26 +35,3 @@ def load_named_weights(
         )
     model.load_state_dict(loaded, strict=False, assign=True)
     return set(loaded)
-
-
-def right_padded(prompts: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Prompt ids [rows, longest], padded with 0 after each prompt's end."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    return ids.to(device)
-
-
-def last_positions(hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-    """Each row's hidden state at its prompt's last token: [rows, hidden]."""
-    rows = torch.arange(len(lengths), device=hidden.device)
-    last = torch.tensor([n - 1 for n in lengths], device=hidden.device)
-    return hidden[rows, last]
-
-
-def visible_positions(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """The attention mask of a decode step [rows, 1, 1, kv_len]: each row sees its own
-    positions up to the one it writes now (tensor ops only: capturable in a graph)."""
-    window = torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
-    return window[:, None, None, :]

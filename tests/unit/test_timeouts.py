@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from oai_audio_server.engine.scheduler import _timeout_error
+from oai_audio_server.engine.core import _timeout_error
 
 
 def handle(queued_at: float, admitted_at: float | None) -> object:

@@ -1,10 +1,11 @@
-"""The Qwen2 decoder of Qwen2-Audio, written against the engine's slot KV cache.
+"""The Qwen2 decoder of Qwen2-Audio, written against the paged KV cache.
 
 Per layer: RMSNorm -> q/k/v projections (with biases) -> rotary embedding (base
 ``rope_theta``, no length-dependent scaling) -> attention (grouped-query when the config
 has fewer key/value heads) -> ``o_proj``; then RMSNorm -> SwiGLU MLP
 (``down(silu(gate(x)) * up(x))``). Names follow the checkpoint
-(``language_model.model.layers.N.self_attn.q_proj`` ...).
+(``language_model.model.layers.N.self_attn.q_proj`` ...); after loading, q/k/v and
+gate/up each run as one matrix.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oai_audio_server.models.attention import AttentionMeta, attend
+from oai_audio_server.models.kv_cache import PagedKVCache
+from oai_audio_server.models.layers import RMSNorm, fuse_linears, rotate_qk
 from oai_audio_server.models.qwen2_audio.config import Qwen2TextConfig
-from oai_audio_server.models.qwen_audio.decoder import RMSNorm, rotate
 
 
 def rotary_tables(config: Qwen2TextConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,57 +42,25 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        self.qkv: nn.Linear | None = None  # q, k and v as one matrix, after fuse()
 
-    def _qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [rows, heads, tokens, d]; k, v [rows, kv_heads, tokens, d]; q, k rotated."""
-        rows, tokens, _ = x.shape
-        q = self.q_proj(x).view(rows, tokens, self.heads, self.head_dim)
-        k = self.k_proj(x).view(rows, tokens, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(rows, tokens, self.kv_heads, self.head_dim)
-        return (
-            rotate(q, cos, sin).transpose(1, 2),
-            rotate(k, cos, sin).transpose(1, 2),
-            v.transpose(1, 2),
-        )
+    def fuse(self) -> None:
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
-    def _widen(self, t: torch.Tensor) -> torch.Tensor:
-        """Key/value heads repeated for their query heads (grouped-query attention)."""
-        groups = self.heads // self.kv_heads
-        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-    def _out(self, attended: torch.Tensor) -> torch.Tensor:
-        rows, _, tokens, _ = attended.shape
-        return cast(torch.Tensor, self.o_proj(attended.transpose(1, 2).reshape(rows, tokens, -1)))
-
-    def prefill(
+    def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+        cache_layer: torch.Tensor, meta: AttentionMeta,
     ) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
-        tokens = x.shape[1]
-        keys[slots, :, :tokens] = k
-        values[slots, :, :tokens] = v
-        out = F.scaled_dot_product_attention(q, self._widen(k), self._widen(v), is_causal=True)
-        return self._out(out)
-
-    def decode(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-        visible: torch.Tensor,
-    ) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
-        rows = x.shape[0]
-        index = torch.arange(rows, device=x.device)
-        keys[index, :, positions] = k[:, :, 0]
-        values[index, :, positions] = v[:, :, 0]
-        kv_len = visible.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q, self._widen(keys[:rows, :, :kv_len]), self._widen(values[:rows, :, :kv_len]),
-            attn_mask=visible,
-        )
-        return self._out(out)
+        tokens = x.shape[0]
+        if self.qkv is not None:
+            projected = self.qkv(x)
+        else:
+            projected = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        heads = projected.view(tokens, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k = rotate_qk(heads[:, : self.heads + self.kv_heads], cos, sin, self.heads)
+        out = attend(q, k, heads[:, self.heads + self.kv_heads :], cache_layer, meta, None)
+        return cast(torch.Tensor, self.o_proj(out.reshape(tokens, -1)))
 
 
 class MLP(nn.Module):
@@ -100,9 +71,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up: nn.Linear | None = None  # after fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return cast(torch.Tensor, self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -113,9 +93,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + attended
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+        sin: torch.Tensor, cache_layer: torch.Tensor, meta: AttentionMeta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sub-layer output, residual stream); each residual add fused with the next norm."""
+        normed, residual = self.input_layernorm.add_forward(x, residual)
+        attended = self.self_attn(normed, cos, sin, cache_layer, meta)
+        normed, residual = self.post_attention_layernorm.add_forward(attended, residual)
+        return self.mlp(normed), residual
 
 
 class Qwen2Decoder(nn.Module):
@@ -130,28 +116,17 @@ class Qwen2Decoder(nn.Module):
     def blocks(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.layers]
 
-    def prefill(
-        self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-    ) -> torch.Tensor:
-        x = embeds
-        for index, layer in enumerate(self.blocks()):
-            attended = layer.self_attn.prefill(
-                layer.input_layernorm(x), cos, sin, keys[index], values[index], slots
-            )
-            x = layer.finish(x, attended)
-        return cast(torch.Tensor, self.norm(x))
+    def fuse(self) -> None:
+        for layer in self.blocks():
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
-    def decode(
-        self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-        visible: torch.Tensor,
+    def forward(
+        self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: PagedKVCache, meta: AttentionMeta,
     ) -> torch.Tensor:
-        x = self.embed_tokens(tokens)[:, None, :]
+        """Token-major hidden states [tokens, hidden] after the final norm."""
+        x, residual = embeds, None
         for index, layer in enumerate(self.blocks()):
-            attended = layer.self_attn.decode(
-                layer.input_layernorm(x), cos, sin, keys[index], values[index], positions,
-                visible,
-            )
-            x = layer.finish(x, attended)
-        return cast(torch.Tensor, self.norm(x))[:, 0]
+            x, residual = layer(x, residual, cos, sin, cache.layer(index), meta)
+        return self.norm.add_forward(x, residual)[0]

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
-from oai_audio_server.engine.kv_cache import KVLayout, SlotKVCache
-from oai_audio_server.models.common import (
-    last_positions,
-    load_named_weights,
-    right_padded,
-    visible_positions,
-)
+from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.common import load_named_weights
+from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
 from oai_audio_server.models.qwen2_audio.audio_encoder import Projector, Qwen2AudioTower
 from oai_audio_server.models.qwen2_audio.config import Qwen2AudioConfig
 from oai_audio_server.models.qwen2_audio.decoder import Qwen2Decoder, rotary_tables
@@ -61,7 +58,9 @@ class Qwen2AudioModel(nn.Module):
                            aliases=tied)
         cos, sin = rotary_tables(config.text, max_len)
         model.cos, model.sin = cos.to(device), sin.to(device)
-        return model.requires_grad_(False).eval()
+        model.requires_grad_(False).eval()
+        model.language_model.model.fuse()
+        return model
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -80,15 +79,24 @@ class Qwen2AudioModel(nn.Module):
         projected = self.multi_modal_projector(pooled)
         return [projected[i, : s.token_count] for i, s in enumerate(segments)]
 
-    def _embed_prompts(
+    def rotary_variant(self, prompt_len: int) -> int:
+        return 0  # one rotary table whatever the length
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.language_model.model.embed_tokens(ids))
+
+    def embed_prompts(
         self,
         prompts: Sequence[Sequence[int]],
         audio: Sequence[Sequence[AudioSegmentFeatures]],
-    ) -> torch.Tensor:
-        """Token embeddings [rows, longest, hidden] (right-padded); each run of
-        ``<|AUDIO|>`` tokens replaced by its audio's embeddings, in order."""
+    ) -> list[torch.Tensor]:
+        """Token embeddings [len, hidden] of each prompt; each run of ``<|AUDIO|>``
+        tokens replaced by its audio's embeddings, in order (one encoder batch)."""
         device = self.cos.device
-        embeds = self.language_model.model.embed_tokens(right_padded(prompts, device))
+        embeds = [
+            self.embed_tokens(torch.tensor(list(prompt), dtype=torch.long, device=device))
+            for prompt in prompts
+        ]
         segments = [segment for row_audio in audio for segment in row_audio]
         if not segments:
             return embeds
@@ -104,41 +112,26 @@ class Qwen2AudioModel(nn.Module):
             if positions:
                 row_spans = [next(spans) for _ in row_audio]
                 index = torch.tensor(positions, device=device)
-                embeds[row, index] = torch.cat(row_spans).to(embeds.dtype)
+                embeds[row][index] = torch.cat(row_spans).to(embeds[row].dtype)
         return embeds
 
     def prefill(
-        self,
-        prompts: Sequence[Sequence[int]],
-        audio: Sequence[Sequence[AudioSegmentFeatures]],
-        slots: Sequence[int],
-        cache: SlotKVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.cos.device
-        lengths = [len(p) for p in prompts]
-        embeds = self._embed_prompts(prompts, audio)
-        longest = embeds.shape[1]
-        cos = self.cos[:longest][None, :, None, :]
-        sin = self.sin[:longest][None, :, None, :]
-        slot_index = torch.tensor(list(slots), device=device)
-        hidden = self.language_model.model.prefill(
-            embeds, cos, sin, cache.keys, cache.values, slot_index
+        self, embeds: torch.Tensor, positions: torch.Tensor, variants: torch.Tensor,
+        cache: PagedKVCache, meta: PrefillMeta,
+    ) -> torch.Tensor:
+        hidden = self.language_model.model(
+            embeds, self.cos[positions], self.sin[positions], cache, meta
         )
-        state = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        return self.language_model.lm_head(last_positions(hidden, lengths)).float(), state
+        return self.language_model.lm_head(hidden[meta.last_index]).float()
 
     def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        row_state: torch.Tensor,
-        cache: SlotKVCache,
-        kv_len: int,
+        self, tokens: torch.Tensor, variants: torch.Tensor, cache: PagedKVCache,
+        meta: DecodeMeta,
     ) -> torch.Tensor:
-        cos = self.cos[positions][:, None, None, :]
-        sin = self.sin[positions][:, None, None, :]
-        hidden = self.language_model.model.decode(
-            tokens, cos, sin, cache.keys, cache.values, positions,
-            visible_positions(positions, kv_len),
+        embeds = self.embed_tokens(tokens)
+        meta = meta.prepared(embeds.dtype)
+        positions = meta.positions
+        hidden = self.language_model.model(
+            embeds, self.cos[positions], self.sin[positions], cache, meta
         )
         return self.language_model.lm_head(hidden).float()

@@ -1,4 +1,4 @@
-"""The QWen decoder of Qwen-Audio(-Chat), written against the engine's slot KV cache.
+"""The QWen decoder of Qwen-Audio(-Chat), written against the paged KV cache.
 
 Per block: RMSNorm -> fused qkv projection -> rotary embedding -> log-n query scaling ->
 attention -> output projection, then RMSNorm -> SwiGLU MLP (``w1 * silu(w2)``).
@@ -19,12 +19,16 @@ batch and each gets exactly what it would get alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oai_audio_server.models.attention import AttentionMeta, attend
+from oai_audio_server.models.kv_cache import PagedKVCache
+from oai_audio_server.models.layers import RMSNorm, fuse_linears, rotate_qk
 from oai_audio_server.models.qwen_audio.audio_encoder import AudioEncoder
 from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
 
@@ -32,27 +36,6 @@ from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
 def ntk_alpha(prompt_len: int, seq_length: int) -> int:
     context = math.log(prompt_len / seq_length, 2) + 1
     return max(2 ** math.ceil(context) - 1, 1)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on the first ``cos.shape[-1]`` channels, computed in float32."""
-    dim = cos.shape[-1]
-    head, rest = x[..., :dim].float(), x[..., dim:].float()
-    half = dim // 2
-    turned = torch.cat([-head[..., half:], head[..., :half]], dim=-1)
-    return torch.cat([head * cos + turned * sin, rest], dim=-1).type_as(x)
 
 
 class Attention(nn.Module):
@@ -65,47 +48,16 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
         self.scale = None if config.scale_attn_weights else 1.0
 
-    def _qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as [rows, heads, tokens, head_dim], rotated, q scaled by log-n."""
-        rows, tokens, _ = x.shape
-        q, k, v = self.c_attn(x).view(rows, tokens, 3, self.heads, self.head_dim).unbind(2)
-        q = rotate(q, cos, sin) * logn.to(q.dtype)
-        k = rotate(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def prefill(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+    def forward(
+        self, x: torch.Tensor, rope: Rope, cache_layer: torch.Tensor, meta: AttentionMeta
     ) -> torch.Tensor:
-        """Whole prompts, right-padded to one length; their keys and values go to their
-        slots (padding positions too: a decode step overwrites a position before any
-        query may see it)."""
-        q, k, v = self._qkv(x, cos, sin, logn)
-        tokens = x.shape[1]
-        keys[slots, :, :tokens] = k
-        values[slots, :, :tokens] = v
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.c_proj(out.transpose(1, 2).reshape(x.shape[0], tokens, -1))
-
-    def decode(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-        visible: torch.Tensor,
-    ) -> torch.Tensor:
-        """One token per row; row i is slot i. ``visible`` [rows, 1, 1, kv_len] masks
-        each row's attention to its own positions."""
-        q, k, v = self._qkv(x, cos, sin, logn)
-        rows = torch.arange(x.shape[0], device=x.device)
-        keys[rows, :, positions] = k[:, :, 0]
-        values[rows, :, positions] = v[:, :, 0]
-        kv_len = visible.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q, keys[: x.shape[0], :, :kv_len], values[: x.shape[0], :, :kv_len],
-            attn_mask=visible, scale=self.scale,
-        )
-        return self.c_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
+        """``x`` [tokens, hidden] -> [tokens, hidden]; this pass's keys and values go to
+        the cache slots ``meta`` names."""
+        tokens = x.shape[0]
+        qkv = self.c_attn(x).view(tokens, 3 * self.heads, self.head_dim)
+        q, k = rotate_qk(qkv[:, : 2 * self.heads], rope.cos, rope.sin, self.heads, rope.q_scale)
+        out = attend(q, k, qkv[:, 2 * self.heads :], cache_layer, meta, self.scale)
+        return cast(torch.Tensor, self.c_proj(out.reshape(tokens, -1)))
 
 
 class MLP(nn.Module):
@@ -116,9 +68,18 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(config.hidden_size, inner, bias=bias)
         self.w2 = nn.Linear(config.hidden_size, inner, bias=bias)
         self.c_proj = nn.Linear(inner, config.hidden_size, bias=bias)
+        self.w12: nn.Linear | None = None  # w1 and w2 as one matrix, after fuse()
+
+    def fuse(self) -> None:
+        self.w12 = fuse_linears(self.w1, self.w2)
+        del self.w1, self.w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        if self.w12 is not None:
+            up, gate = self.w12(x).chunk(2, dim=-1)
+        else:
+            up, gate = self.w1(x), self.w2(x)
+        return cast(torch.Tensor, self.c_proj(up * F.silu(gate)))
 
 
 class Block(nn.Module):
@@ -129,9 +90,25 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + attended
-        return x + self.mlp(self.ln_2(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
+        cache_layer: torch.Tensor, meta: AttentionMeta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sub-layer output, residual stream): each residual add is fused with the norm
+        that follows it."""
+        normed, residual = self.ln_1.add_forward(x, residual)
+        attended = self.attn(normed, rope, cache_layer, meta)
+        normed, residual = self.ln_2.add_forward(attended, residual)
+        return self.mlp(normed), residual
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Per token: cos, sin [tokens, dim] (float32) and the query scale (log-n) [tokens]."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_scale: torch.Tensor | None = None
 
 
 class RotaryTables(nn.Module):
@@ -175,15 +152,11 @@ class RotaryTables(nn.Module):
             return 0
         return self.alphas.index(ntk_alpha(prompt_len, self.seq_length))
 
-    def lookup(
-        self, alpha_index: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For positions [rows, tokens]: cos, sin [rows, tokens, 1, dim], logn
-        [rows, tokens, 1, 1] (the 1 broadcasts over heads)."""
-        rows = alpha_index[:, None].expand_as(positions)
-        cos = self.cos[rows, positions][:, :, None, :]
-        sin = self.sin[rows, positions][:, :, None, :]
-        return cos, sin, self.logn[positions][:, :, None, None]
+    def rope(self, variants: torch.Tensor, positions: torch.Tensor) -> Rope:
+        """For tokens at ``positions`` [tokens] under rotary ``variants`` [tokens]."""
+        return Rope(
+            self.cos[variants, positions], self.sin[variants, positions], self.logn[positions]
+        )
 
 
 class QwenDecoder(nn.Module):
@@ -200,27 +173,11 @@ class QwenDecoder(nn.Module):
     def blocks(self) -> list[Block]:
         return [cast(Block, block) for block in self.h]
 
-    def prefill(
-        self, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+    def forward(
+        self, embeds: torch.Tensor, rope: Rope, cache: PagedKVCache, meta: AttentionMeta
     ) -> torch.Tensor:
-        x = embeds
+        """Token-major hidden states [tokens, hidden] after the final norm."""
+        x, residual = embeds, None
         for layer, block in enumerate(self.blocks()):
-            attended = block.attn.prefill(
-                block.ln_1(x), cos, sin, logn, keys[layer], values[layer], slots
-            )
-            x = block.finish(x, attended)
-        return self.ln_f(x)
-
-    def decode(
-        self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor,
-        keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-        visible: torch.Tensor,
-    ) -> torch.Tensor:
-        x = self.wte(tokens)[:, None, :]
-        for layer, block in enumerate(self.blocks()):
-            attended = block.attn.decode(
-                block.ln_1(x), cos, sin, logn, keys[layer], values[layer], positions, visible
-            )
-            x = block.finish(x, attended)
-        return self.ln_f(x)[:, 0]
+            x, residual = block(x, residual, rope, cache.layer(layer), meta)
+        return self.ln_f.add_forward(x, residual)[0]

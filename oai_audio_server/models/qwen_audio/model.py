@@ -6,18 +6,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
-from oai_audio_server.engine.kv_cache import KVLayout, SlotKVCache
-from oai_audio_server.models.common import (
-    last_positions,
-    load_named_weights,
-    right_padded,
-    visible_positions,
-)
+from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.common import load_named_weights
+from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
 from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
 from oai_audio_server.models.qwen_audio.decoder import QwenDecoder, RotaryTables
 
@@ -59,7 +56,14 @@ class QwenAudioModel(nn.Module):
                 config.audio.n_ctx, config.audio.n_state
             ).to(device=device, dtype=dtype)
         # Inference only: no autograd state on the weights (nor in captured graphs).
-        return model.requires_grad_(False).eval()
+        model.requires_grad_(False).eval()
+        model.fuse()
+        return model
+
+    def fuse(self) -> None:
+        """The MLP's two input projections as one matrix (see layers.fuse_linears)."""
+        for block in self.transformer.blocks():
+            block.mlp.fuse()
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -70,15 +74,27 @@ class QwenAudioModel(nn.Module):
             dtype=self.lm_head.weight.dtype,
         )
 
-    def _embed_prompts(
+    def rotary_variant(self, prompt_len: int) -> int:
+        """The dynamic-NTK table a row uses for all its positions, chosen by its prompt's
+        length (as the official code does for one sequence)."""
+        return self.rotary.alpha_index(prompt_len)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.transformer.wte(ids))
+
+    def embed_prompts(
         self,
         prompts: Sequence[Sequence[int]],
         audio: Sequence[Sequence[AudioSegmentFeatures]],
-    ) -> torch.Tensor:
-        """Token embeddings [rows, longest, hidden] (right-padded), each ``<audio>`` ...
-        ``</audio>`` span replaced by its audio's encoder output. All audios of all rows
-        go through the encoder as one batch."""
-        embeds = self.transformer.wte(right_padded(prompts, self.lm_head.weight.device))
+    ) -> list[torch.Tensor]:
+        """Token embeddings [len, hidden] of each prompt, each ``<audio>`` ... ``</audio>``
+        span replaced by its audio's encoder output. All audios of all prompts go through
+        the encoder as one batch."""
+        device = self.lm_head.weight.device
+        embeds = [
+            self.embed_tokens(torch.tensor(list(prompt), dtype=torch.long, device=device))
+            for prompt in prompts
+        ]
         segments = [segment for row_audio in audio for segment in row_audio]
         if not segments:
             return embeds
@@ -103,40 +119,25 @@ class QwenAudioModel(nn.Module):
                 index += 1
                 if prompt[start + len(span) - 1] != start_id + 1:
                     raise ValueError("an audio span in the prompt does not match its audio")
-                embeds[row, start : start + len(span)] = span.to(embeds.dtype)
+                embeds[row][start : start + len(span)] = span.to(embeds[row].dtype)
         return embeds
 
     def prefill(
-        self,
-        prompts: Sequence[Sequence[int]],
-        audio: Sequence[Sequence[AudioSegmentFeatures]],
-        slots: Sequence[int],
-        cache: SlotKVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.lm_head.weight.device
-        lengths = [len(p) for p in prompts]
-        embeds = self._embed_prompts(prompts, audio)
-        longest = embeds.shape[1]
-        state = torch.tensor([self.rotary.alpha_index(n) for n in lengths], device=device)
-        positions = torch.arange(longest, device=device)[None, :].expand(len(prompts), -1)
-        cos, sin, logn = self.rotary.lookup(state, positions)
-        slot_index = torch.tensor(list(slots), device=device)
-        hidden = self.transformer.prefill(
-            embeds, cos, sin, logn, cache.keys, cache.values, slot_index
-        )
-        return self.lm_head(last_positions(hidden, lengths)).float(), state
+        self, embeds: torch.Tensor, positions: torch.Tensor, variants: torch.Tensor,
+        cache: PagedKVCache, meta: PrefillMeta,
+    ) -> torch.Tensor:
+        """Packed prompt chunks [tokens, hidden] -> float32 logits of the tokens at
+        ``meta.last_index``."""
+        hidden = self.transformer(embeds, self.rotary.rope(variants, positions), cache, meta)
+        return self.lm_head(hidden[meta.last_index]).float()
 
     def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        row_state: torch.Tensor,
-        cache: SlotKVCache,
-        kv_len: int,
+        self, tokens: torch.Tensor, variants: torch.Tensor, cache: PagedKVCache,
+        meta: DecodeMeta,
     ) -> torch.Tensor:
-        cos, sin, logn = self.rotary.lookup(row_state, positions[:, None])
-        hidden = self.transformer.decode(
-            tokens, cos, sin, logn, cache.keys, cache.values, positions,
-            visible_positions(positions, kv_len),
-        )
-        return self.lm_head(hidden).float()
+        """One token per row -> float32 logits [rows, vocab]. Shapes depend only on the
+        row count (and, for the sdpa backend, ``meta.kv_len``): capturable in a graph."""
+        embeds = self.embed_tokens(tokens)
+        meta = meta.prepared(embeds.dtype)
+        rope = self.rotary.rope(variants, meta.positions)
+        return self.lm_head(self.transformer(embeds, rope, cache, meta)).float()
