@@ -45,7 +45,11 @@ FULL_SIZE = {
 FULL_AUDIO = {"n_state": 1280, "n_head": 20, "n_layer": 32, "output_dim": 4096}
 
 
-def build(out: Path, *, full_size: bool, device: torch.device, dtype: torch.dtype) -> Path:
+def build(
+    out: Path, *, full_size: bool, device: torch.device, dtype: torch.dtype,
+    weights: bool = True,
+) -> Path:
+    """``weights=False`` writes the config and tokenizer only (for --random-weights)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +69,8 @@ def build(out: Path, *, full_size: bool, device: torch.device, dtype: torch.dtyp
         "max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0,
         "top_p": 0.5,
     }, indent=2))
+    if not weights:
+        return out
     started = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):

@@ -147,6 +147,12 @@ class Settings:
         16, "Positions per KV-cache block (the unit sequences take cache memory in).",
         "engine",
     )
+    random_weights: bool = _setting(
+        False,
+        "For speed tests only: the checkpoint's shapes with random weights, no weight file "
+        "read (the answers are meaningless; a directory with config and tokenizer suffices).",
+        "engine",
+    )
     attention_backend: str = _setting(
         "auto",
         "Decode attention over the paged KV cache: triton (a kernel that reads each "

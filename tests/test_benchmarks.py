@@ -7,6 +7,7 @@ cannot leave them broken unnoticed.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,20 @@ def test_serving_benchmark_builds_and_runs_a_qwen2_audio_checkpoint() -> None:
     (row,) = table_rows(output, "2")
     assert int(row[1]) >= 1 and row[2] == "0", output
     assert float(row[3]) > 0, output
+
+
+def test_the_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
+    """The prepared GPU script's smoke mode (tiny shapes on the CPU) runs every step but
+    the HTTP one and writes its JSON report: the script a GPU session runs stays working."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--skip-http",
+         "--seconds", "1", "--levels", "1,2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report["steps"]) == {"imports", "model", "parity", "engine", "floor"}
+    assert report["steps"]["parity"]["graph_vs_eager_rel_32"] == 0.0
+    levels = report["steps"]["engine"]["levels"]
+    assert [level["clients"] for level in levels] == [1, 2]
+    assert all(level["errors"] == 0 and level["tokens_per_s"] > 0 for level in levels)

@@ -198,7 +198,9 @@ def load_bundle(settings: Settings) -> ModelBundle:
     )
     max_model_len = settings.max_model_len or max(positions, max_window)
     logger.info("loading %s (%s) on %s as %s", model_dir, family.title, device, dtype)
-    model = family.load_model(model_dir, raw_config, max_model_len, device, dtype)
+    model = family.load_model(
+        model_dir, raw_config, max_model_len, device, dtype, settings.random_weights
+    )
 
     eos = generation_config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

@@ -52,7 +52,8 @@ class ModelFamily:
     mel: Callable[[Path], MelFeatureExtractor]
     # (tokenizer, checkpoint directory, window, most bytes one token stands for)
     prompt_builder: Callable[[Any, Path, int, int], PromptBuilder]
-    load_model: Callable[[Path, dict[str, Any], int, torch.device, torch.dtype], EngineModel]
+    # (dir, config, max_len, device, dtype, random_weights) -> model
+    load_model: Callable[[Path, dict[str, Any], int, torch.device, torch.dtype, bool], EngineModel]
 
 
 def _qwen_audio() -> ModelFamily:
@@ -63,10 +64,11 @@ def _qwen_audio() -> ModelFamily:
 
     def load(
         model_dir: Path, raw: dict[str, Any], max_len: int, device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype, random_weights: bool,
     ) -> EngineModel:
         config = QwenAudioConfig.from_dict(raw)
-        return QwenAudioModel.load(model_dir, config, max_len=max_len, device=device, dtype=dtype)
+        return QwenAudioModel.load(model_dir, config, max_len=max_len, device=device, dtype=dtype,
+                                   random_weights=random_weights)
 
     return ModelFamily(
         name="qwen-audio",
@@ -92,10 +94,11 @@ def _qwen2_audio() -> ModelFamily:
 
     def load(
         model_dir: Path, raw: dict[str, Any], max_len: int, device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype, random_weights: bool,
     ) -> EngineModel:
         config = Qwen2AudioConfig.from_dict(raw)
-        return Qwen2AudioModel.load(model_dir, config, max_len=max_len, device=device, dtype=dtype)
+        return Qwen2AudioModel.load(model_dir, config, max_len=max_len, device=device,
+                                    dtype=dtype, random_weights=random_weights)
 
     return ModelFamily(
         name="qwen2-audio",

@@ -48,14 +48,14 @@ class Qwen2AudioModel(nn.Module):
     @classmethod
     def load(
         cls, model_dir: Path, config: Qwen2AudioConfig, *, max_len: int,
-        device: torch.device, dtype: torch.dtype,
+        device: torch.device, dtype: torch.dtype, random_weights: bool = False,
     ) -> Qwen2AudioModel:
         """Built on the meta device; every parameter is then the checkpoint's tensor."""
         with torch.device("meta"):
             model = cls(config, max_len)
         tied = {LM_HEAD: EMBED} if config.text.tie_word_embeddings else {}
         load_named_weights(model, model_dir, family="Qwen2-Audio", device=device, dtype=dtype,
-                           aliases=tied)
+                           aliases=tied, random_weights=random_weights)
         cos, sin = rotary_tables(config.text, max_len)
         model.cos, model.sin = cos.to(device), sin.to(device)
         model.requires_grad_(False).eval()

@@ -36,7 +36,7 @@ class QwenAudioModel(nn.Module):
     @classmethod
     def load(
         cls, model_dir: Path, config: QwenAudioConfig, *, max_len: int,
-        device: torch.device, dtype: torch.dtype,
+        device: torch.device, dtype: torch.dtype, random_weights: bool = False,
     ) -> QwenAudioModel:
         """Built without memory (meta tensors), then every parameter is the checkpoint's
         tensor, moved to ``device`` as ``dtype``: no random initialisation of 8 B
@@ -44,7 +44,8 @@ class QwenAudioModel(nn.Module):
         with torch.device("meta"):
             model = cls(config, max_len)
         loaded = load_named_weights(model, model_dir, family="Qwen-Audio", device=device,
-                                    dtype=dtype, optional=_OPTIONAL)
+                                    dtype=dtype, optional=_OPTIONAL,
+                                    random_weights=random_weights)
         # What the checkpoint did not hold is computed here (never random).
         with torch.device(device):
             fresh = RotaryTables(config, max_len)
