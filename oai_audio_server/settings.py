@@ -239,3 +239,8 @@ def setting_fields() -> list[dataclasses.Field[Any]]:
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+def limit_name(field_name: str) -> str:
+    """How an error names the limit it hit: the flag and the variable that set it."""
+    return f"--{field_name.replace('_', '-')} / {env_name(field_name)}"
