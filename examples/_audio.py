@@ -13,7 +13,10 @@ import struct
 import sys
 import urllib.request
 import wave
+from pathlib import Path
 
+# A 4 s English sentence shipped beside the examples (see README, "Talking to it").
+SAMPLE = Path(__file__).resolve().parent / "speech.mp3"
 BASE_URL = os.environ.get("OAS_BASE_URL", "http://127.0.0.1:8000/v1")
 API_KEY = os.environ.get("OAS_API_KEY", "not-needed")
 
@@ -34,7 +37,7 @@ MODEL = served_model()
 
 
 def tone_wav(seconds: float = 1.5, frequency: float = 440.0, rate: int = 16000) -> bytes:
-    """A sine tone as 16-bit mono wav, so the examples run without any audio file."""
+    """A sine tone as 16-bit mono wav: a second clip that is plainly not speech."""
     frames = b"".join(
         struct.pack("<h", int(12000 * math.sin(2 * math.pi * frequency * i / rate)))
         for i in range(int(seconds * rate))
@@ -49,9 +52,9 @@ def tone_wav(seconds: float = 1.5, frequency: float = 440.0, rate: int = 16000) 
 
 
 def audio_from_argv(position: int = 1) -> tuple[bytes, str]:
-    """The audio file named on the command line (or OAS_AUDIO), else a generated tone."""
+    """The audio file named on the command line (or OAS_AUDIO), else the shipped sample
+    (examples/speech.mp3)."""
     path = sys.argv[position] if len(sys.argv) > position else os.environ.get("OAS_AUDIO")
-    if path:
-        with open(path, "rb") as handle:
-            return handle.read(), path.rsplit(".", 1)[-1].lower()
-    return tone_wav(), "wav"
+    path = path or str(SAMPLE)
+    with open(path, "rb") as handle:
+        return handle.read(), path.rsplit(".", 1)[-1].lower()

@@ -1,6 +1,8 @@
 """Ask about an audio file with the official openai SDK (one JSON reply).
 
     OAS_BASE_URL=http://127.0.0.1:8000/v1 python examples/chat_sdk.py [audio.wav]
+
+Without a file it sends examples/speech.mp3, a spoken sentence shipped with the project.
 """
 
 from __future__ import annotations

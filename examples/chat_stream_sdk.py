@@ -1,6 +1,8 @@
 """Stream the answer token by token with the official openai SDK.
 
     OAS_BASE_URL=http://127.0.0.1:8000/v1 python examples/chat_stream_sdk.py [audio.wav]
+
+Without a file it sends examples/speech.mp3, a spoken sentence shipped with the project.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 back to the first clip. The server caches decoded audio, so resending it is cheap.
 
     OAS_BASE_URL=http://127.0.0.1:8000/v1 python examples/multi_turn_audio.py [a.wav [b.wav]]
+
+Without files the first clip is examples/speech.mp3 (a spoken sentence shipped with the
+project) and the second a generated tone.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from oai_audio_server.cli import settings_from_args
+from oai_audio_server.flags import settings_from_args
 
 TIMEOUT_SECONDS = 4.0
 _ANY_ADDRESS = {"0.0.0.0", "::", ""}

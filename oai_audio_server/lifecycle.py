@@ -1,5 +1,6 @@
 """The server's states after start: serving, draining (after SIGTERM), cut (the drain's
-deadline passed) and fatal (the engine died; the process is about to exit non-zero).
+deadline passed), fatal (the engine died; the process is about to exit non-zero) and
+load failed (the model never loaded; the CLI's server exits non-zero with the cause).
 
 The HTTP layer reads these states (readiness, liveness, the drain gate); the runtime
 tracks every generation handed to the engine, so that at the shutdown deadline each
@@ -36,6 +37,7 @@ class Lifecycle:
         self.draining = False
         self.cut_done = False
         self.fatal: str | None = None  # why the server must exit (the engine died)
+        self.load_failure: str | None = None  # why the model never loaded (exit 1)
         self._lock = threading.Lock()
         self._open: weakref.WeakSet[Any] = weakref.WeakSet()
         self._fatal_hooks: list[Callable[[], None]] = []

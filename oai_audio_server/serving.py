@@ -8,6 +8,9 @@
 * The engine process died: /live turns 503 at once, the server stops the same way
   and the process exits 1, so that its supervisor (systemd, Kubernetes, Docker's
   restart policy, Ray Serve) starts a fresh one with a fresh engine.
+* The model failed to load at start: the server stops and exits 1; the CLI prints the
+  one-line cause. A server that never served has nothing to drain, and a supervisor
+  sees the failure instead of a process that answers 503 forever.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from types import FrameType
 
 import uvicorn
 
-from oai_audio_server.runtime import Runtime
+from oai_audio_server.runtime import Runtime, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +30,8 @@ logger = logging.getLogger(__name__)
 # reply has had its error event, and the connections close by themselves.
 BACKSTOP_SECONDS = 1
 EXIT_FOR_RESTART = 1
+# How often the start watches for the load's outcome (uvicorn polls its exit flag so too).
+LOAD_POLL_SECONDS = 0.1
 
 
 class GracefulServer(uvicorn.Server):
@@ -39,7 +44,29 @@ class GracefulServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        watch = asyncio.create_task(self._watch_load())
+        try:
+            await super().serve(sockets)
+        finally:
+            watch.cancel()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if sockets and self.started:  # uvicorn says where it listens only for its own
+            host, port = sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            logger.info("listening on http://%s:%d (CTRL+C to stop)", shown, port)
+
+    async def _watch_load(self) -> None:
+        """Until the model is ready: a load that fails stops the server (exit status 1)."""
+        engine = self._runtime.engine
+        while not self.should_exit and not engine.ready:
+            error = engine.load_error
+            if error is not None:
+                self._runtime.lifecycle.load_failure = one_line(error)
+                self.should_exit = True
+                return
+            await asyncio.sleep(LOAD_POLL_SECONDS)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit and self._loop is not None:
@@ -64,7 +91,9 @@ class GracefulServer(uvicorn.Server):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FOR_RESTART if self._runtime.lifecycle.fatal is not None else 0
+        lifecycle = self._runtime.lifecycle
+        failed = lifecycle.fatal is not None or lifecycle.load_failure is not None
+        return EXIT_FOR_RESTART if failed else 0
 
 
 def graceful_timeout(drain_seconds: float) -> int:

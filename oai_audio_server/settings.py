@@ -72,6 +72,13 @@ class Settings:
     log_json: bool = _setting(
         False, "Write logs as JSON lines (request lines carry their fields as keys).", "server"
     )
+    log_level: str = _setting(
+        "info",
+        "Least severe log lines written: debug (adds probe requests and the tracebacks "
+        "of start-up errors), info, warning or error.",
+        "server",
+        choices=("debug", "info", "warning", "error"),
+    )
     # limits
     max_body_bytes: int = _setting(
         48 * MIB,
@@ -164,6 +171,7 @@ class Settings:
     gpu_memory_fraction: float = _setting(
         0.9, "Share of the GPU's memory the server may use in all (auto KV-cache size).",
         "engine",
+        metavar="FRACTION",
     )
     cuda_graphs: bool = _setting(
         True,
@@ -250,3 +258,8 @@ def setting_fields() -> list[dataclasses.Field[Any]]:
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+def limit_name(field_name: str) -> str:
+    """How an error names the limit it hit: the flag and the variable that set it."""
+    return f"--{field_name.replace('_', '-')} / {env_name(field_name)}"

@@ -14,10 +14,8 @@ import pytest
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed: pip install -e '.[ray]'")
 
 from oai_audio_server.cli import build_parser  # noqa: E402
-from oai_audio_server.serve_ray.command import (  # noqa: E402
-    options_from_namespace,
-    settings_from_namespace,
-)
+from oai_audio_server.flags import settings_from_namespace  # noqa: E402
+from oai_audio_server.serve_ray.command import options_from_namespace  # noqa: E402
 from oai_audio_server.serve_ray.config import (  # noqa: E402
     APP_NAME,
     DEPLOYMENT_NAME,

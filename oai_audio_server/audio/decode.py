@@ -18,6 +18,7 @@ import av.container
 import numpy as np
 
 from oai_audio_server.errors import InvalidAudioError
+from oai_audio_server.settings import limit_name
 
 SAMPLE_RATE = 16000
 MIN_SOURCE_RATE = 1_000
@@ -183,8 +184,9 @@ def _decode_first_audio_stream(
         total += chunk.shape[0]
         if total > max_samples:
             raise InvalidAudioError(
-                f"The audio is longer than the limit of {max_seconds:g} s "
-                "(max_audio_seconds). Send a shorter audio or split it."
+                f"The audio is longer than this server's limit of {max_seconds:g} s per "
+                f"request ({limit_name('max_audio_seconds')}). Send a shorter part of it, or "
+                "split it over several requests."
             )
         chunks.append(chunk)
     if total == 0:

@@ -105,12 +105,12 @@ async def _follow_redirects(url: str, settings: Settings) -> bytes:
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large(f"{int(declared)} bytes", max_bytes)
+        raise too_large(int(declared), max_bytes)
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk
         if len(body) > max_bytes:
-            raise too_large(f"over {max_bytes} bytes", max_bytes)
+            raise too_large(None, max_bytes)
     return bytes(body)
 
 
@@ -262,7 +262,7 @@ def _read_local_file(url: str, settings: Settings) -> bytes:
             )
         size = target.stat().st_size
         if size > max_bytes:
-            raise too_large(f"{size} bytes", max_bytes)
+            raise too_large(size, max_bytes)
         with target.open("rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as error:
@@ -271,5 +271,5 @@ def _read_local_file(url: str, settings: Settings) -> bytes:
             code=FETCH_FAILED,
         ) from error
     if len(data) > max_bytes:
-        raise too_large(f"over {max_bytes} bytes", max_bytes)
+        raise too_large(None, max_bytes)
     return data

@@ -111,7 +111,7 @@ class AudioIntake:
     async def from_bytes(self, data: AudioBytes, format_hint: str | None) -> PreparedAudio:
         max_bytes = self._settings.max_audio_bytes
         if len(data) > max_bytes:
-            raise too_large(f"{len(data)} bytes", max_bytes)
+            raise too_large(len(data), max_bytes)
         digest = await self._in_worker(_sha256, data)
         cached = self._cache.get(digest)
         if cached is not None:

@@ -16,6 +16,8 @@ import numpy as np
 
 from oai_audio_server.errors import InvalidAudioError, InvalidRequestError
 from oai_audio_server.memory import AnonymousBuffer
+from oai_audio_server.settings import limit_name
+from oai_audio_server.units import format_value
 
 Payload = str | memoryview
 AudioBytes = bytes | memoryview
@@ -28,10 +30,13 @@ _WHITESPACE = b" \t\n\r\x0b\x0c"
 _HEADER_CHARS = 1024  # a data: URI's header (media type and parameters) is shorter
 
 
-def too_large(size_text: str, max_bytes: int) -> InvalidAudioError:
+def too_large(size: int | None, max_bytes: int, *, about: bool = False) -> InvalidAudioError:
+    """``size`` None: the audio was cut off at the limit, its whole size unknown."""
+    over = "over" if size is None else f"{'about ' if about else ''}{size} bytes, over"
     return InvalidAudioError(
-        f"The audio is {size_text}, over the limit of {max_bytes} bytes (max_audio_bytes). "
-        "Send a smaller or more compressed file.",
+        f"The audio is {over} this server's limit of {format_value(max_bytes, 'bytes')} "
+        f"per file ({limit_name('max_audio_bytes')}). Send a smaller or more compressed "
+        "file (mp3, ogg or a lower sample rate), or a shorter part of it.",
         code="audio_too_large",
     )
 
@@ -61,7 +66,7 @@ def decode_base64_audio(data: Payload, max_bytes: int) -> AudioBytes:
     """Standard base64 (whitespace and missing padding tolerated), capped in size."""
     if len(data) > STEP_CHARS * 2 and (len(data) // 4) * 3 > 2 * max_bytes + 2:
         # Whitespace could not make up the difference in any real client's encoding.
-        raise too_large(f"about {len(data) * 3 // 4} bytes", max_bytes)
+        raise too_large(len(data) * 3 // 4, max_bytes, about=True)
     output = AnonymousBuffer(len(data) * 3 // 4 + 3)
     carry = b""
     padded = False
@@ -81,7 +86,7 @@ def decode_base64_audio(data: Payload, max_bytes: int) -> AudioBytes:
         output.write(_b64decode(compact[:whole]))
         padded = compact[whole - 1] == ord("=")
         if output.size > max_bytes + 2:
-            raise too_large(f"over {max_bytes} bytes", max_bytes)
+            raise too_large(None, max_bytes)
     if carry:
         if padded:
             raise _invalid_base64()
@@ -89,7 +94,7 @@ def decode_base64_audio(data: Payload, max_bytes: int) -> AudioBytes:
     if output.size == 0 and not carry:
         raise InvalidRequestError("The base64 audio data is empty.", code="invalid_base64")
     if output.size > max_bytes:
-        raise too_large(f"{output.size} bytes", max_bytes)
+        raise too_large(output.size, max_bytes)
     return output.view()
 
 
@@ -142,7 +147,7 @@ def _unquote_in_steps(payload: Payload, max_bytes: int) -> AudioBytes:
                 raw = raw[:cut]
         decoded = percent_decode(raw)
         if output.size + len(decoded) > max_bytes:
-            raise too_large(f"over {max_bytes} bytes", max_bytes)
+            raise too_large(None, max_bytes)
         output.write(decoded)
         start += taken
     return output.view()
@@ -191,5 +196,5 @@ def decode_data_uri(url: Payload, max_bytes: int) -> AudioBytes:
     if "base64" in flags:
         return decode_base64_audio(payload, max_bytes)
     if len(payload) > 3 * max_bytes:
-        raise too_large(f"over {max_bytes} bytes", max_bytes)
+        raise too_large(None, max_bytes)
     return _unquote_in_steps(payload, max_bytes)

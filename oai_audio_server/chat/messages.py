@@ -34,6 +34,7 @@ from oai_audio_server.qwen.conversation import (
     TextItem,
     UserItem,
 )
+from oai_audio_server.settings import limit_name
 
 # Messages handled between two returns to the event loop (a few ms of work at most).
 YIELD_EVERY = 256
@@ -53,14 +54,17 @@ class AudioBudget:
         self.seconds += audio.duration_seconds
         if self.items > self.max_items:
             raise InvalidRequestError(
-                f"too many audio items: at most {self.max_items} per request",
+                f"too many audio items: this server takes at most {self.max_items} per "
+                f"request ({limit_name('max_audios_per_request')}); send fewer, or join "
+                "short clips into one file",
                 param=param,
                 code="too_many_audio_items",
             )
         if self.seconds > self.max_seconds:
             raise InvalidRequestError(
-                f"too much audio: {self.seconds:.1f} s in this request, at most "
-                f"{self.max_seconds:g} s allowed",
+                f"too much audio: {self.seconds:.1f} s in this request, over this "
+                f"server's limit of {self.max_seconds:g} s "
+                f"({limit_name('max_audio_seconds')}); send shorter audio or fewer items",
                 param=param,
                 code="audio_too_long",
             )

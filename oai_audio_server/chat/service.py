@@ -49,7 +49,7 @@ from oai_audio_server.protocol import (
 from oai_audio_server.qwen.conversation import Conversation
 from oai_audio_server.qwen.prompt import Prompt
 from oai_audio_server.runtime import Runtime
-from oai_audio_server.settings import Settings
+from oai_audio_server.settings import Settings, limit_name
 from oai_audio_server.sse import DONE, KEEPALIVE, next_events, sse_event
 
 MAX_STOP_STRINGS = 16
@@ -92,7 +92,8 @@ def sampling_params(
     param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > settings.max_tokens_limit:
         raise InvalidRequestError(
-            f"{param} is {asked}; this server allows at most {settings.max_tokens_limit}",
+            f"{param} is {asked}; this server allows at most {settings.max_tokens_limit} "
+            f"({limit_name('max_tokens_limit')}); send a smaller {param}, or leave it out",
             param=param,
         )
     if asked is not None and asked > room:
@@ -156,7 +157,8 @@ class ChatService:
             # few thousand tokens keeps a few hundred turns at most.
             raise InvalidRequestError(
                 f"Invalid 'messages': array too long. Expected at most {limit} messages "
-                f"(--max-messages), got {len(request.messages)}; send the recent part of "
+                f"({limit_name('max_messages')}), got {len(request.messages)}; send the "
+                "recent part of "
                 "the conversation (older turns cannot fit the model's window anyway)",
                 param="messages",
                 code="array_above_max_length",

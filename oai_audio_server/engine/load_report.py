@@ -1,5 +1,6 @@
-"""One clear line for a model that failed to load, logged before the (long, chained)
-traceback, and the cause that /health and the 503 replies show."""
+"""One clear line for a model that failed to load: what the server prints as it exits,
+and what /health, the 503 replies and a Ray replica's health check show. The (long,
+chained) traceback is logged at DEBUG."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oai_audio_server.engine.loader import ModelBundle, load_bundle
+from oai_audio_server.logging_setup import ExplainedError
 from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ExplainedError, RuntimeError):
     """A failed load, with a message that says what failed and what to do."""
 
 
@@ -46,15 +48,15 @@ def explain_load_failure(model: str, error: BaseException) -> str:
 
 
 def explained_loader(settings: Settings) -> Callable[[], ModelBundle]:
-    """``load_bundle`` that logs one clear line first and raises a ModelLoadError whose
-    message is that line (the original error chained, for the traceback)."""
+    """``load_bundle`` that raises a ModelLoadError whose message is one clear line (the
+    original error chained, and its traceback logged at DEBUG)."""
 
     def load() -> ModelBundle:
         try:
             return load_bundle(settings)
         except Exception as error:
             line = explain_load_failure(settings.model, error)
-            logger.error("model failed to load: %s", line)
+            logger.debug("model failed to load: %s", line, exc_info=True)
             raise ModelLoadError(line) from error
 
     return load

@@ -42,13 +42,39 @@ def resolve_model_dir(model: str, download_dir: str | None = None, hub: str = "a
     return resolve(model, hub, download_dir)
 
 
+_DEVICE_HELP = "use --device cpu, auto (a GPU when there is one), cuda or cuda:N"
+
+
 def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {setting} asked for CUDA, but no CUDA device is available")
-    return device
+    """``--device`` as a device with an explicit index: ``cuda`` becomes ``cuda:<the
+    current device>``, because ``torch.cuda.set_device`` (the engine thread's first CUDA
+    call) refuses a device without one. Raises ValueError with one line saying what to
+    pass instead."""
+    text = setting.strip().lower()
+    if text == "auto":
+        return torch.device(f"cuda:{_current_cuda()}" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, colon, index = text.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise ValueError(f"--device {setting!r} is not a device this server runs on; "
+                         f"{_DEVICE_HELP}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {setting} asked for CUDA, but no CUDA device is "
+                         "available (the CPU build of PyTorch, or no GPU visible); use "
+                         "--device cpu or auto")
+    count = torch.cuda.device_count()
+    number = int(index) if index else _current_cuda()
+    if number >= count:
+        raise ValueError(f"--device {setting}: this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}; use one of those, or --device auto")
+    return torch.device(f"cuda:{number}")
+
+
+def _current_cuda() -> int:
+    """The current CUDA device without starting CUDA in this process (the start-up checks
+    run in the HTTP process, which must hold no CUDA context): 0 until something sets it."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def cpu_thread_count(setting: int, cores: int | None = None) -> int:

@@ -178,7 +178,8 @@ class EngineProcess:
             self._process.join(timeout)
             if self._process.is_alive():
                 # It ignores SIGTERM (see run_engine_process), so no terminate().
-                logger.warning("engine process did not stop in %.0f s; killing it", timeout)
+                # Expected when it is busy: it holds nothing that needs a clean stop.
+                logger.info("engine process did not stop in %g s; killing it", timeout)
                 self._kill()
         if self._reader is not None:
             self._reader.join(timeout)
@@ -428,9 +429,9 @@ def run_engine_process(
     # sent to the whole process group must not kill the engine under it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from oai_audio_server.http.request_log import configure_logging
+    from oai_audio_server.logging_setup import configure_logging
 
-    configure_logging(json_lines=settings.log_json)
+    configure_logging(json_lines=settings.log_json, level=settings.log_level)
     _EngineSide(settings, conn, shared_stats, max_batch_size, join_wait_steps).run()
     # Nothing is left to save; skip the interpreter's teardown (seconds with torch
     # loaded), so that a stopping server exits within its orchestrator's grace period.

@@ -17,7 +17,8 @@ from oai_audio_server.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
-from oai_audio_server.settings import MIB, Settings
+from oai_audio_server.settings import Settings, limit_name
+from oai_audio_server.units import format_value
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ def _from_http_exception(
     elif status == 413:
         limit = settings.max_body_bytes
         error = PayloadTooLargeError(
-            f"the request body is over this server's limit of {limit} bytes "
-            f"({limit / MIB:.1f} MiB, --max-body-bytes); send smaller or fewer audio files "
+            f"the request body is over this server's limit of {format_value(limit, 'bytes')} "
+            f"({limit_name('max_body_bytes')}); send smaller or fewer audio files "
             "(base64 makes audio 4/3 of its file size)"
         )
     elif status == 405:

@@ -9,14 +9,11 @@ as its :class:`~oai_audio_server.chat.observer.GenerationObserver`.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -180,31 +177,3 @@ def log_request(record: RequestRecord) -> None:
 # they would bury the requests that matter.
 PROBE_PATHS = frozenset({"/health", "/live", "/metrics"})
 _IN_PREFIX = frozenset({"request_id", "method", "path", "status", "outcome"})
-
-
-class JsonLineFormatter(logging.Formatter):
-    """One JSON object per line; request fields are top-level keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        body: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "request", None)
-        if isinstance(fields, dict):
-            body.update(fields)
-        if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
-        return json.dumps(body, ensure_ascii=False, default=str)
-
-
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
-    """Route every log record (uvicorn's included) through one stderr handler."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLineFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -13,6 +13,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
+from oai_audio_server.flags import flag_name, settings_from_args
 from oai_audio_server.settings import Settings, setting_fields
 
 # Where the replica listens is Serve's business (http_options), and a key in the config
@@ -38,8 +39,6 @@ def settings_from_app_args(
     args: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Raise ValueError for an unknown name or a value the CLI would refuse."""
-    from oai_audio_server.cli import settings_from_args
-
     known = {field.name for field in setting_fields()} - NOT_IN_ARGS
     unknown = sorted(set(args) - known)
     if unknown:
@@ -59,7 +58,7 @@ def settings_from_app_args(
 
 
 def _flag(name: str, value: Any) -> list[str]:
-    flag = "--" + name.replace("_", "-")
+    flag = flag_name(name)
     if value is None:
         return []
     if isinstance(value, bool):

@@ -8,16 +8,17 @@ to a Ray cluster the way ``serve run FILE`` does, which is what it runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from oai_audio_server.flags import add_serve_parser, root_parser, settings_from_namespace
 from oai_audio_server.serve_ray.config import serve_config
 from oai_audio_server.serve_ray.options import ReplicaOptions
-from oai_audio_server.settings import Settings, env_name
+from oai_audio_server.settings import env_name
 
 COMMAND = "serve-ray"
 
@@ -93,10 +94,6 @@ def options_from_namespace(args: argparse.Namespace) -> ReplicaOptions:
     return options
 
 
-def settings_from_namespace(args: argparse.Namespace) -> Settings:
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-
-
 def to_yaml(config: dict[str, Any]) -> str:
     import yaml
 
@@ -140,6 +137,6 @@ def deploy(config: dict[str, Any], address: str | None, *, blocking: bool) -> No
 
 
 def main(argv: Sequence[str]) -> None:
-    from oai_audio_server.cli import build_parser
-
-    run(build_parser().parse_args(list(argv)))
+    parser, commands = root_parser()
+    add_parser(commands, add_serve_parser(commands, os.environ), os.environ)
+    run(parser.parse_args(list(argv)))

@@ -34,7 +34,7 @@ from oai_audio_server.errors import (
 )
 from oai_audio_server.protocol import Usage, json_encoder
 from oai_audio_server.runtime import Runtime
-from oai_audio_server.settings import Settings
+from oai_audio_server.settings import Settings, limit_name
 from oai_audio_server.sse import DONE, KEEPALIVE, next_events, sse_event
 from oai_audio_server.transcription.formats import TimedSegment, TranscriptResult
 from oai_audio_server.transcription.prompts import (
@@ -165,8 +165,9 @@ class TranscriptionService:
         limit = self._settings.max_audio_seconds
         if audio.duration_seconds > limit:
             raise InvalidAudioError(
-                f"The audio is {audio.duration_seconds:.1f} s long, over the limit of "
-                f"{limit:g} s (max_audio_seconds).",
+                f"The audio is {audio.duration_seconds:.1f} s long, over this server's limit "
+                f"of {limit:g} s per request ({limit_name('max_audio_seconds')}). Send a "
+                "shorter part of it, or split it over several requests.",
                 param=param,
                 code="audio_too_long",
             )

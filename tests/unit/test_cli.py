@@ -92,3 +92,22 @@ def test_model_defaults_to_qwen_audio_chat_and_sizes_take_units() -> None:
         settings_from_args(["serve", "--max-audio-bytes", "lots"], environ={})
     with pytest.raises(SystemExit):
         settings_from_args(["serve", "--hub", "github"], environ={})
+
+
+def test_no_placeholder_is_a_raw_setting_name() -> None:
+    """--gpu-memory-fraction FRACTION, not GPU_MEMORY_FRACTION: argparse's fallback."""
+    serve = build_parser({})._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    for action in serve._actions:
+        if action.option_strings and action.nargs != 0 and not action.choices:
+            assert action.metavar, f"{action.dest} would show {action.dest.upper()}"
+    assert "--gpu-memory-fraction FRACTION" in " ".join(serve.format_usage().split())
+
+
+def test_serve_ray_takes_the_same_server_options() -> None:
+    """serve-ray builds its parser without importing the CLI (flags.py is below both)."""
+    import oai_audio_server.serve_ray.command as command
+
+    parser, commands = command.root_parser()
+    command.add_parser(commands, command.add_serve_parser(commands, {}), {})
+    args = parser.parse_args(["serve-ray", "m", "--max-batch-size", "4", "--replicas", "2"])
+    assert args.max_batch_size == 4 and args.replicas == 2

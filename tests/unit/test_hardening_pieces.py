@@ -164,7 +164,7 @@ def test_the_413_message_states_the_limit() -> None:
     with TestClient(app) as client:
         reply = client.post(CHAT, content=b"x" * 2000, headers={"Content-Type": "application/json"})
         error = assert_error(reply, 413, "payload_too_large")
-        assert "1000 bytes" in error["message"]
+        assert "limit of 1000 B (--max-body-bytes / OAS_MAX_BODY_BYTES)" in error["message"]
 
 
 def test_a_body_that_does_not_arrive_in_time_is_408() -> None:

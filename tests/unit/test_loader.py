@@ -30,16 +30,54 @@ def test_model_id_goes_to_the_hub_module(
 def test_device_and_dtype_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("CPU") == torch.device("cpu")
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(RuntimeError, match="no CUDA device"):
-        pick_device("cuda:1")
+    for asked in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="no CUDA device.*--device cpu or auto"):
+            pick_device(asked)
 
 
-def test_device_and_dtype_choice_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int, current: int = 0) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
+def test_every_cuda_spelling_gets_an_explicit_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.cuda.set_device refuses torch.device("cuda") (no index), so none leaves."""
+    fake_cuda(monkeypatch, count=2, current=1)
+    assert pick_device("auto") == torch.device("cuda:1")
+    assert pick_device("cuda") == torch.device("cuda:1")
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    assert pick_device(" CUDA:1 ") == torch.device("cuda:1")
+    for device in map(pick_device, ("auto", "cuda", "cuda:0")):
+        assert device.index is not None
+
+
+def test_a_cuda_index_is_checked_against_the_device_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_cuda(monkeypatch, count=2)
+    with pytest.raises(ValueError, match="has 2 CUDA device.*cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+
+
+@pytest.mark.parametrize("asked", ["gpu", "cuda:x", "cuda:", "cuda:-1", "mps", "cuda:0:1", ""])
+def test_other_spellings_are_refused_with_what_to_pass(
+    monkeypatch: pytest.MonkeyPatch, asked: str
+) -> None:
+    fake_cuda(monkeypatch, count=1)
+    with pytest.raises(ValueError, match="--device cpu, auto"):
+        pick_device(asked)
+
+
+def test_auto_on_a_fresh_process_does_not_start_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch, count=1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("CUDA started"))
     assert pick_device("auto") == torch.device("cuda:0")
-    assert pick_device("cuda:1") == torch.device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)

@@ -16,8 +16,9 @@ from oai_audio_server.errors import InvalidRequestError, NotFoundError, Permissi
 from oai_audio_server.http import buffers, multipart_form, tutorial_routes
 from oai_audio_server.http.auth import bearer_token, is_public
 from oai_audio_server.http.multipart_form import parse_multipart
-from oai_audio_server.http.request_log import JsonLineFormatter, RequestRecord
+from oai_audio_server.http.request_log import RequestRecord
 from oai_audio_server.http.tutorial_routes import allowed_local_file
+from oai_audio_server.logging_setup import JsonLineFormatter
 from oai_audio_server.protocol import Usage
 from oai_audio_server.settings import Settings
 

@@ -75,7 +75,17 @@ def test_relative_links_point_to_files() -> None:
             assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
 
 
-def test_readme_is_short_and_explains_the_missing_sse_starlette() -> None:
-    assert len(README.splitlines()) < 350
-    assert "Why not sse-starlette" in README
-    assert "sse-starlette" not in (ROOT / "pyproject.toml").read_text()
+def test_readme_is_short_and_speaks_of_the_product_as_it_is() -> None:
+    assert len(README.splitlines()) < 375
+    for history in ("previous engine", "sse-starlette", "design card"):
+        assert history not in README, f"{history!r} belongs in docs/, if anywhere"
+
+
+def test_the_snippets_sample_ships_with_the_project() -> None:
+    """Small, and named where the snippets open it (from the repository root)."""
+    sample = ROOT / "examples" / "speech.mp3"
+    assert sample.is_file() and sample.stat().st_size < 64 * 1024
+    talking = [b.body for b in runnable("quickstart")][3:]
+    assert "speech.wav" not in README
+    assert sum("examples/speech.mp3" in body for body in talking) == 3
+    assert "[`examples/speech.mp3`](examples/speech.mp3)" in README
