@@ -94,15 +94,16 @@ def send(ws: ClientConnection, event: dict[str, Any] | str) -> None:
     ws.send(event if isinstance(event, str) else json.dumps(event))
 
 
-def batch_size(server: ServerProcess, headers: dict[str, str] | None = None) -> int:
-    return int(httpx.get(server.base_url + "/health", headers=headers).json()["batch_size"])
+def batch_size(server: ServerProcess) -> int:
+    return int(httpx.get(server.base_url + "/health").json()["batch_size"])
 
 
-def wait_batch_empty(server: ServerProcess, headers: dict[str, str] | None = None) -> None:
+def wait_batch_empty(server: ServerProcess) -> None:
+    """Until the engine holds no row (bounded)."""
     deadline = time.monotonic() + 30
-    while batch_size(server, headers) and time.monotonic() < deadline:
+    while batch_size(server) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert batch_size(server, headers) == 0
+    assert batch_size(server) == 0
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +259,42 @@ def test_two_turn_conversation_keeps_history(server: ServerProcess, sdk: openai.
     assert all(texts)
 
 
-def test_audio_turn_and_cancel_frees_the_row(server: ServerProcess) -> None:
+def health(server: ServerProcess) -> dict[str, int]:
+    counts: dict[str, int] = httpx.get(server.base_url + "/health").json()
+    return counts
+
+
+# Greedy answers of the tiny checkpoint to "Hello" run 603 tokens (see
+# test_concurrency_http.py): still being written when the test acts.
+LONG_ANSWER = {"type": "response.create", "response": {"temperature": 0}}
+HELLO = {"type": "conversation.item.create", "item": {
+    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}}
+
+
+def test_cancel_ends_the_response_and_frees_the_row(server: ServerProcess) -> None:
+    before = health(server)
+    with connect(ws_url(server, "model=qwen-audio-chat")) as ws:
+        receive_until(ws, "session.created")
+        send(ws, {"type": "session.update", "session": {
+            "type": "realtime", "max_output_tokens": 2000}})
+        send(ws, HELLO)
+        send(ws, LONG_ANSWER)
+        receive_until(ws, "response.output_text.delta")
+        send(ws, {"type": "response.cancel"})
+        events = receive_until(ws, "response.done")
+        done = events[-1]["response"]
+        assert done["status"] == "cancelled"
+        assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+        assert done["output"][0]["status"] == "incomplete"
+        wait_batch_empty(server)
+        assert health(server)["cancelled"] == before["cancelled"] + 1
+        # Cancelling again: nothing is active; an error, and the session goes on.
+        send(ws, {"type": "response.cancel", "event_id": "c2"})
+        error = receive_until(ws, "error")[-1]["error"]
+        assert (error["code"], error["event_id"]) == ("response_cancel_not_active", "c2")
+
+
+def test_audio_turn_gets_an_answer(server: ServerProcess) -> None:
     samples = pcm24(1.0, 350.0, seed=4)
     with connect(ws_url(server, "model=qwen-audio-chat")) as ws:
         receive_until(ws, "session.created")
@@ -271,30 +307,32 @@ def test_audio_turn_and_cancel_frees_the_row(server: ServerProcess) -> None:
         send(ws, {"type": "input_audio_buffer.commit"})
         receive_until(ws, "conversation.item.done")
         send(ws, {"type": "response.create"})
-        receive_until(ws, "response.output_text.delta")
-        send(ws, {"type": "response.cancel"})
-        done = receive_until(ws, "response.done")[-1]
-        assert done["response"]["status"] == "cancelled"
-        assert done["response"]["status_details"]["reason"] == "client_cancelled"
-        wait_batch_empty(server)
-        # Cancelling again: nothing is active; an error, and the session goes on.
-        send(ws, {"type": "response.cancel", "event_id": "c2"})
-        error = receive_until(ws, "error")[-1]["error"]
-        assert (error["code"], error["event_id"]) == ("response_cancel_not_active", "c2")
+        events = receive_until(ws, "response.done")
+    done = events[-1]["response"]
+    assert done["status"] in ("completed", "incomplete"), done
+    # The committed audio is in the prompt: many more tokens than the template alone.
+    assert done["usage"]["input_tokens"] > 20
+    kinds = [event["type"] for event in events]
+    assert kinds[:4] == ["response.created", "response.output_item.added",
+                         "conversation.item.added", "response.content_part.added"]
+    assert kinds[-5:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "conversation.item.done", "response.done"]
 
 
 def test_disconnect_frees_rows(server: ServerProcess) -> None:
+    before = health(server)
     ws = connect(ws_url(server, "model=qwen-audio-chat"))
     receive_until(ws, "session.created")
     send(ws, {"type": "session.update", "session": {"type": "realtime",
                                                     "max_output_tokens": 2000}})
-    send(ws, {"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user",
-        "content": [{"type": "input_text", "text": "Write a long story."}]}})
-    send(ws, {"type": "response.create"})
+    send(ws, HELLO)
+    send(ws, LONG_ANSWER)
     receive_until(ws, "response.output_text.delta")
     ws.close()
     wait_batch_empty(server)
+    after = health(server)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["finished"] == before["finished"]
 
 
 # ---------------------------------------------------------------- bad input

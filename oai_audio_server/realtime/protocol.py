@@ -177,6 +177,8 @@ class ResponseParams(Struct, frozen=True):
     max_output_tokens: int | str | None = None
     output_modalities: list[str] | None = None
     conversation: str | None = None
+    # Not in OpenAI's GA schema (its beta had it): a server extension, so that a client
+    # can ask for greedy answers as it can from chat completions.
     temperature: float | None = None
 
 

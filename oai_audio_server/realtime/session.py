@@ -628,8 +628,13 @@ class RealtimeSession:
         instructions = params.instructions if params.instructions is not None else (
             self._instructions
         )
+        temperature = params.temperature
+        if temperature is not None and not 0.0 <= temperature <= 2.0:
+            raise invalid("temperature must be between 0 and 2", "response.temperature")
         response_id = wire.new_id("resp")
-        task = asyncio.ensure_future(self._respond(response_id, instructions, max_tokens))
+        task = asyncio.ensure_future(
+            self._respond(response_id, instructions, max_tokens, temperature)
+        )
         self._response = ActiveResponse(response_id, task)
 
     async def _cancel_response(
@@ -651,7 +656,11 @@ class RealtimeSession:
         await asyncio.wait({active.task})
 
     async def _prepare_generation(
-        self, response_id: str, instructions: str | None, max_tokens: int | None
+        self,
+        response_id: str,
+        instructions: str | None,
+        max_tokens: int | None,
+        temperature: float | None,
     ) -> GenerationRequest:
         messages, audio = await self._messages(instructions)
 
@@ -666,7 +675,9 @@ class RealtimeSession:
         conversation = await to_conversation(messages, load, budget)
         runtime = self._runtime
         prompt = await runtime.offload(runtime.prompt_builder.build, conversation)
-        request = ChatCompletionRequest(model=self._model, messages=[], max_tokens=max_tokens)
+        request = ChatCompletionRequest(
+            model=self._model, messages=[], max_tokens=max_tokens, temperature=temperature
+        )
         sampling = sampling_params(request, runtime.bundle, self._settings, len(prompt.token_ids))
         return GenerationRequest(
             request_id=response_id,
@@ -678,14 +689,20 @@ class RealtimeSession:
         )
 
     async def _respond(
-        self, response_id: str, instructions: str | None, max_tokens: int | None
+        self,
+        response_id: str,
+        instructions: str | None,
+        max_tokens: int | None,
+        temperature: float | None,
     ) -> None:
         item = Item(wire.new_id("item"), "assistant", [], status="in_progress")
         state = _ResponseState(response_id, item, max_tokens)
-        await self._emit(wire.ResponseCreated(response=state.wire("in_progress", [])))
         handle: GenerationHandle | None = None
         try:
-            generation = await self._prepare_generation(response_id, instructions, max_tokens)
+            await self._emit(wire.ResponseCreated(response=state.wire("in_progress", [])))
+            generation = await self._prepare_generation(
+                response_id, instructions, max_tokens, temperature
+            )
             handle = self._runtime.submit(generation)
             await self._open_output(state)
             await self._stream_text(state, handle)
