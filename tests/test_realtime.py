@@ -294,6 +294,45 @@ def test_cancel_ends_the_response_and_frees_the_row(server: ServerProcess) -> No
         assert (error["code"], error["event_id"]) == ("response_cancel_not_active", "c2")
 
 
+def test_conversation_equals_chat_completions(server: ServerProcess) -> None:
+    """The same turns as chat messages give the same prompt and the same greedy answer."""
+    samples = pcm24(0.8, 260.0, seed=8)
+    audio_b64 = base64.b64encode(samples.tobytes()).decode()
+    wav_b64 = base64.b64encode(wav_bytes(samples.astype(np.float32) / 32767, RATE)).decode()
+    with connect(ws_url(server, "model=qwen-audio-chat")) as ws:
+        receive_until(ws, "session.created")
+        send(ws, {"type": "session.update", "session": {
+            "type": "realtime", "instructions": "You answer briefly.",
+            "audio": {"input": {"turn_detection": None}}}})
+        for role, content in (
+            ("user", [{"type": "input_text", "text": "Hi."}]),
+            ("assistant", [{"type": "output_text", "text": "Hello."}]),
+            ("user", [{"type": "input_audio", "audio": audio_b64},
+                      {"type": "input_text", "text": "What is this?"}]),
+        ):
+            send(ws, {"type": "conversation.item.create",
+                      "item": {"type": "message", "role": role, "content": content}})
+            receive_until(ws, "conversation.item.done")
+        send(ws, {"type": "response.create",
+                  "response": {"temperature": 0, "max_output_tokens": 24}})
+        done = receive_until(ws, "response.done")[-1]["response"]
+    chat = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
+    reply = chat.chat.completions.create(
+        model="qwen-audio-chat", temperature=0, max_tokens=24,
+        messages=[
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": wav_b64, "format": "wav"}},
+                {"type": "text", "text": "What is this?"}]},
+        ],
+    )
+    assert reply.usage is not None
+    assert done["usage"]["input_tokens"] == reply.usage.prompt_tokens
+    assert done["output"][0]["content"][0]["text"] == reply.choices[0].message.content
+
+
 def test_audio_turn_gets_an_answer(server: ServerProcess) -> None:
     samples = pcm24(1.0, 350.0, seed=4)
     with connect(ws_url(server, "model=qwen-audio-chat")) as ws:
