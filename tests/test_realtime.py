@@ -67,6 +67,10 @@ def chunks_b64(samples: np.ndarray, chunk_ms: int = 100) -> list[str]:
     ]
 
 
+MANUAL = {"type": "session.update", "session": {
+    "type": "transcription", "audio": {"input": {"turn_detection": None}}}}
+
+
 def http_transcript(server: ServerProcess, samples: np.ndarray, rate: int = RATE) -> str:
     """What /v1/audio/transcriptions says for the same samples as a WAV file."""
     data = wav_bytes(samples.astype(np.float32) / 32767, rate)
@@ -200,7 +204,8 @@ def test_g711_and_16khz_inputs_equal_http(server: ServerProcess) -> None:
         receive_until(ws, "session.created")
         for fmt, raw, file in cases:
             send(ws, {"type": "session.update", "session": {
-                "type": "transcription", "audio": {"input": {"format": fmt}}}})
+                "type": "transcription",
+                "audio": {"input": {"format": fmt, "turn_detection": None}}}})
             # 16 kHz is this server's extension: the SDK's model only allows 24000.
             message = ws.recv(timeout=WAIT_SECONDS)
             updated = json.loads(message) if fmt.get("rate") == 16000 else checked(message)
@@ -380,6 +385,8 @@ def test_disconnect_frees_rows(server: ServerProcess) -> None:
 def test_bad_events_get_errors_and_the_session_goes_on(server: ServerProcess) -> None:
     with connect(ws_url(server, "intent=transcription")) as ws:
         receive_until(ws, "session.created")
+        send(ws, MANUAL)
+        receive_until(ws, "session.updated")
         bad: list[tuple[dict[str, Any] | str, str]] = [
             ("{not json", "invalid_json"),
             ({"type": "no.such.event", "event_id": "e1"}, "invalid_value"),
@@ -425,6 +432,7 @@ def test_eight_concurrent_sessions(server: ServerProcess) -> None:
         try:
             with connect(ws_url(server, "intent=transcription")) as ws:
                 receive_until(ws, "session.created")
+                send(ws, MANUAL)
                 send(ws, {"type": "input_audio_buffer.append",
                           "audio": base64.b64encode(samples.tobytes()).decode()})
                 send(ws, {"type": "input_audio_buffer.commit"})

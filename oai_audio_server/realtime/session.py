@@ -129,9 +129,8 @@ class RealtimeSession:
         self._transcription: wire.TranscriptionConfig | None = (
             wire.TranscriptionConfig(model=model) if kind == "transcription" else None
         )
-        self._turn_detection: wire.TurnDetection | None = (
-            wire.TurnDetection() if kind == "realtime" else None
-        )
+        # Server VAD on, as OpenAI's sessions of both kinds start.
+        self._turn_detection: wire.TurnDetection | None = wire.TurnDetection()
         self._vad: EnergyVad | None = self._new_vad(0)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0  # samples in the buffer
