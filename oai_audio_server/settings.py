@@ -111,6 +111,26 @@ class Settings:
         "limits",
         "s",
     )
+    realtime_max_sessions: int = _setting(
+        32,
+        "Most /v1/realtime WebSocket sessions open at once; one more gets an error event "
+        "and is closed.",
+        "limits",
+    )
+    realtime_max_session_seconds: float = _setting(
+        1800.0,
+        "Longest a /v1/realtime session may stay open; then it gets an error event and is "
+        "closed.",
+        "limits",
+        "s",
+    )
+    realtime_max_buffer_seconds: float = _setting(
+        60.0,
+        "Most seconds of audio a /v1/realtime session's input buffer may hold before it is "
+        "committed; more gets an error event and the session is closed.",
+        "limits",
+        "s",
+    )
     media_fetch_timeout: float = _setting(
         10.0, "Seconds allowed to fetch one remote audio.", "limits", "s"
     )

@@ -55,7 +55,8 @@ def run_as_documented(server: ServerProcess, name: str, *args: str) -> str:
 
 def test_every_python_example_is_covered() -> None:
     assert set(PYTHON_EXAMPLES) == {"chat_sdk.py", "chat_stream_sdk.py",
-                                    "multi_turn_audio.py", "tutorial_requests.py"}
+                                    "multi_turn_audio.py", "realtime_transcribe.py",
+                                    "tutorial_requests.py"}
 
 
 def test_the_server_name_is_the_directory(plain_server: ServerProcess,
@@ -74,6 +75,8 @@ def test_python_example(plain_server: ServerProcess, name: str) -> None:
         assert "turn 1:" in output and "turn 2:" in output
     if name == "tutorial_requests.py":
         assert "[success in" in output
+    if name == "realtime_transcribe.py":
+        assert "[turn 1 done]" in output
     if name == "chat_stream_sdk.py":
         assert "[completion tokens" in output
 

@@ -435,3 +435,27 @@ def test_the_page_says_when_the_model_is_loading(browser: Any) -> None:
         stand_in.shutdown()
         stand_in.server_close()
         thread.join(5)
+
+
+def test_live_captions_from_the_microphone(ui_server: ServerProcess, browser: Any) -> None:
+    """Live: the fake microphone's tone -> /v1/realtime (the key as a subprotocol) ->
+    a caption line while it plays, written out when Stop commits it."""
+    open_page(browser, ui_server)
+    element(browser, "tab-live").click()
+    assert browser.current_url.endswith("#live")
+    element(browser, "live-toggle").click()
+    wait_for(lambda: element(browser, "live-status").text == "listening…", "the session")
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#live-captions p"),
+             "the VAD to hear speech")
+    element(browser, "live-toggle").click()  # Stop: the line still being heard is committed
+    done = wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#live-captions p[data-done]"),
+        "a finished caption", timeout=60,
+    )
+    assert "pending" not in (done[0].get_attribute("class") or "")
+    wait_for(lambda: element(browser, "live-toggle").text == "Start", "the session to close")
+    assert element(browser, "live-status").text == "stopped"
+    assert not element(browser, "live-error").is_displayed()
+    wait_for(lambda: httpx.get(ui_server.base_url + "/health",
+                               headers={"Authorization": f"Bearer {API_KEY}"}
+                               ).json()["batch_size"] == 0, "an empty batch")

@@ -34,7 +34,8 @@ def test_every_element_the_script_uses_exists() -> None:
     ids = set(re.findall(r'\bid="([^"]+)"', page))
     used = set(re.findall(r'\$\("([^"]+)"\)', script))
     # Built from a name: $(`view-${view}`) and $(`tab-${view}`).
-    used |= {f"{prefix}-{view}" for prefix in ("view", "tab") for view in ("chat", "transcribe")}
+    used |= {f"{prefix}-{view}" for prefix in ("view", "tab")
+             for view in ("chat", "transcribe", "live")}
     assert used, "no lookups found: the pattern is stale"
     assert used <= ids, sorted(used - ids)
 
@@ -43,6 +44,48 @@ def test_the_key_never_goes_in_a_url() -> None:
     script = load_static_files()["app.js"].decode()
     assert "Authorization: `Bearer ${key}`" in script
     assert not re.search(r"[?&](api_)?key=", script)
+
+
+def test_live_mode_speaks_the_realtime_api() -> None:
+    """The Live tab: a transcription session on /v1/realtime, 24 kHz PCM, server VAD, the
+    key as a subprotocol (never in the URL), and captions from the GA event names."""
+    files = load_static_files()
+    page, script = files["index.html"].decode(), files["app.js"].decode()
+    assert 'id="tab-live"' in page and 'id="view-live"' in page
+    assert 'new URL("v1/realtime", API_ROOT)' in script
+    assert 'url.searchParams.set("intent", "transcription")' in script
+    assert '["realtime", `openai-insecure-api-key.${key}`]' in script
+    assert 'format: { type: "audio/pcm", rate: LIVE_RATE }' in script
+    assert "const LIVE_RATE = 24000;" in script
+    assert 'turn_detection: { type: "server_vad"' in script
+    for event in (
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed",
+    ):
+        assert f'event.type === "{event}"' in script, event
+    for sent in ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit"):
+        assert f'type: "{sent}"' in script, sent
+    assert not re.search(r"searchParams\.set\(\"(api_)?key", script)
+
+
+def test_live_mode_session_update_is_accepted() -> None:
+    """The session.update the page sends (with its constants filled in) passes the
+    server's own checks."""
+    from oai_audio_server.realtime import protocol as wire
+
+    script = load_static_files()["app.js"].decode()
+    body = re.search(r"socket\.send\(JSON\.stringify\((\{\s*type: \"session\.update\".*?)\)\);",
+                     script, re.DOTALL)
+    assert body, "the session.update is not where the test looks"
+    text = body.group(1).replace("LIVE_RATE", "24000").replace("model()", '"m"')
+    as_json = re.sub(r",(\s*[}\]])", r"\1", re.sub(r"(\b[a-z_]+):", r'"\1":', text))
+    event = wire.CLIENT_DECODERS["session.update"].decode(as_json)
+    assert isinstance(event, wire.SessionUpdateEvent)
+    audio_input = event.session.audio.input  # type: ignore[union-attr]
+    assert audio_input.format.rate == 24000  # type: ignore[union-attr]
+    assert audio_input.turn_detection.type == "server_vad"  # type: ignore[union-attr]
 
 
 def test_only_the_page_is_exempt_from_the_api_key() -> None:

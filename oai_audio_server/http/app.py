@@ -15,6 +15,7 @@ from oai_audio_server.http.docs import build_docs_routes, openapi_config
 from oai_audio_server.http.errors import exception_handler
 from oai_audio_server.http.gates import BodyDeadline, DrainGate
 from oai_audio_server.http.metrics import ServerMetrics, build_metrics_routes
+from oai_audio_server.http.realtime_routes import build_realtime_routes
 from oai_audio_server.http.request_log import RequestTracker, log_request
 from oai_audio_server.http.routes import build_routes
 from oai_audio_server.http.transcription_routes import build_transcription_routes
@@ -44,6 +45,7 @@ def create_app(runtime: Runtime) -> Litestar:
         + build_metrics_routes(metrics)
         + build_docs_routes(settings)
         + build_transcription_routes(runtime)
+        + build_realtime_routes(runtime)
         + build_web_ui_routes(),
         lifespan=[lifespan],
         exception_handlers={Exception: exception_handler(settings)},

@@ -21,6 +21,9 @@ from oai_audio_server.errors import AuthenticationError
 
 DOCS_PATH = "/docs"
 PUBLIC_ROUTES = frozenset({"/health", "/live", "/openapi.json"})
+# Route handler opt: the handler checks the key itself (the realtime WebSocket, whose
+# browser clients send it as a subprotocol and must get the refusal as an event).
+OWN_AUTH = "checks_own_api_key"
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -53,9 +56,9 @@ def api_key_guard(api_key: str) -> Guard:
     expected = api_key.encode()
 
     def require_api_key(
-        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+        connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
     ) -> None:
-        if is_public(connection.scope):
+        if is_public(connection.scope) or handler.opt.get(OWN_AUTH):
             return
         token = bearer_token(connection.headers.get("authorization"))
         if token is None:

@@ -90,6 +90,16 @@ def separator(left: str, right: str) -> str:
     return " "
 
 
+@dataclass
+class TokenTally:
+    """Token counts of a transcript read piece by piece, and its last character (which
+    decides the separator before the next segment's text)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    last_char: str = ""
+
+
 def join_segment_texts(texts: Iterable[str]) -> str:
     joined = ""
     for text in texts:
@@ -279,6 +289,62 @@ class TranscriptionService:
             return "english"
         return language_name(options.language) if options.language else "unknown"
 
+    async def pieces(
+        self,
+        prepared: PreparedTranscription,
+        handles: list[GenerationHandle],
+        tally: TokenTally,
+        observer: GenerationObserver | None = None,
+    ) -> AsyncIterator[str | None]:
+        """The transcript's clean text as it is made, separators between segments
+        included (so the pieces add up to ``transcribe``'s text); None after a quiet
+        keep-alive period. Token counts go into ``tally``; a failed generation raises.
+        The SSE stream and realtime sessions both read it."""
+        text_started = False
+        for handle in handles:
+            cleaner = TextCleaner()
+            segment_started = False
+            finished = False
+            while not finished:
+                events = await next_events(handle)
+                if events is None:
+                    yield None
+                    continue
+                for event in events:
+                    if isinstance(event, Failed):
+                        raise event.error
+                    piece = cleaner.push(event.text) if isinstance(event, TextDelta) else ""
+                    if isinstance(event, Finished):
+                        piece += cleaner.finish()
+                        tally.input_tokens += event.prompt_tokens
+                        tally.output_tokens += event.completion_tokens
+                        finished = True
+                    if piece:
+                        if not segment_started:
+                            piece = separator(tally.last_char, piece) + piece
+                            segment_started = True
+                        if observer is not None and not text_started:
+                            observer.first_token()
+                        text_started = True
+                        tally.last_char = piece[-1]
+                        yield piece
+                    if finished:
+                        break
+        _report(observer, prepared, tally.input_tokens, tally.output_tokens)
+
+    @staticmethod
+    def usage(prepared: PreparedTranscription, tally: TokenTally) -> UsageTokens:
+        audio_tokens = sum(job.audio_tokens for job in prepared.jobs)
+        return UsageTokens(
+            input_tokens=tally.input_tokens,
+            output_tokens=tally.output_tokens,
+            total_tokens=tally.input_tokens + tally.output_tokens,
+            input_token_details=InputTokenDetails(
+                audio_tokens=audio_tokens,
+                text_tokens=max(0, tally.input_tokens - audio_tokens),
+            ),
+        )
+
     async def stream(
         self,
         prepared: PreparedTranscription,
@@ -288,50 +354,16 @@ class TranscriptionService:
         """``transcript.text.delta`` events, then one ``transcript.text.done``; an error
         after the stream started is one final ``{"error": ...}`` event."""
         text = ""
-        input_tokens = output_tokens = 0
-
-        def delta_event(delta: str) -> bytes:
-            return sse_event(json_encoder.encode(TranscriptTextDeltaEvent(delta=delta)))
-
+        tally = TokenTally()
         try:
-            for handle in handles:
-                cleaner = TextCleaner()
-                segment_started = False
-                finished = False
-                while not finished:
-                    events = await next_events(handle)
-                    if events is None:
-                        yield KEEPALIVE
-                        continue
-                    for event in events:
-                        if isinstance(event, Failed):
-                            raise event.error
-                        piece = cleaner.push(event.text) if isinstance(event, TextDelta) else ""
-                        if isinstance(event, Finished):
-                            piece += cleaner.finish()
-                            input_tokens += event.prompt_tokens
-                            output_tokens += event.completion_tokens
-                            finished = True
-                        if piece:
-                            if not segment_started:
-                                piece = separator(text, piece) + piece
-                                segment_started = True
-                            if observer is not None and not text:
-                                observer.first_token()
-                            text += piece
-                            yield delta_event(piece)
-                        if finished:
-                            break
-            audio_tokens = sum(job.audio_tokens for job in prepared.jobs)
-            usage = UsageTokens(
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                total_tokens=input_tokens + output_tokens,
-                input_token_details=InputTokenDetails(
-                    audio_tokens=audio_tokens, text_tokens=max(0, input_tokens - audio_tokens)
-                ),
-            )
-            _report(observer, prepared, input_tokens, output_tokens)
+            async for piece in self.pieces(prepared, handles, tally, observer):
+                if piece is None:
+                    yield KEEPALIVE
+                    continue
+                text += piece
+                delta = TranscriptTextDeltaEvent(delta=piece)
+                yield sse_event(json_encoder.encode(delta))
+            usage = self.usage(prepared, tally)
             yield sse_event(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
         except Exception as exc:  # never a bare broken stream
             error = exc if isinstance(exc, APIError) else EngineError(f"stream failed: {exc}")

@@ -5,7 +5,9 @@
 //   POST /v1/chat/completions        stream: true, read as server-sent events via fetch
 //   POST /v1/audio/transcriptions    multipart/form-data, like OpenAI's Whisper API
 //   POST /v1/audio/translations
-// The API key, when the server has one, goes in the Authorization header only.
+//   GET  /v1/realtime                WebSocket (OpenAI's Realtime API): the Live captions
+// The API key, when the server has one, goes in the Authorization header only (on the
+// WebSocket, which cannot carry headers, in the "openai-insecure-api-key." subprotocol).
 "use strict";
 
 // The page lives at <server>/ui/, so the API root is one level up (works behind a proxy
@@ -660,10 +662,163 @@ function showTranscription(body, format, task, mediaType) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Live: microphone -> 24 kHz 16-bit PCM -> /v1/realtime transcription session -> captions.
+// The server's VAD ends each turn at a pause; Stop commits the turn still being heard.
+
+const LIVE_RATE = 24000;
+const live = { socket: null, audio: null, stream: null, speaking: false, lines: new Map() };
+
+function realtimeUrl() {
+  const url = new URL("v1/realtime", API_ROOT);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.searchParams.set("intent", "transcription");
+  return url.href;
+}
+
+function pcm16Base64(samples, fromRate) {
+  // Linear interpolation to 24 kHz where the browser would not open a 24 kHz context.
+  const length = Math.floor((samples.length * LIVE_RATE) / fromRate);
+  const bytes = new Uint8Array(length * 2);
+  const view = new DataView(bytes.buffer);
+  for (let i = 0; i < length; i += 1) {
+    const position = (i * fromRate) / LIVE_RATE;
+    const left = Math.floor(position);
+    const right = Math.min(left + 1, samples.length - 1);
+    const value = samples[left] + (samples[right] - samples[left]) * (position - left);
+    view.setInt16(2 * i, Math.max(-1, Math.min(1, value)) * 32767, true);
+  }
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(text);
+}
+
+function captionLine(itemId) {
+  let line = live.lines.get(itemId);
+  if (!line) {
+    line = document.createElement("p");
+    line.className = "pending";
+    line.dataset.item = itemId;
+    $("live-captions").append(line);
+    live.lines.set(itemId, line);
+  }
+  return line;
+}
+
+function onLiveEvent(event) {
+  if (event.type === "input_audio_buffer.speech_started") {
+    live.speaking = true;
+    captionLine(event.item_id).textContent = "…";
+  } else if (event.type === "input_audio_buffer.speech_stopped") {
+    live.speaking = false;
+  } else if (event.type === "conversation.item.input_audio_transcription.delta") {
+    const line = captionLine(event.item_id);
+    line.textContent = (line.textContent === "…" ? "" : line.textContent) + event.delta;
+  } else if (event.type === "conversation.item.input_audio_transcription.completed") {
+    const line = captionLine(event.item_id);
+    line.textContent = event.transcript;
+    line.className = "";
+    line.dataset.done = "true";
+    // After Stop, the socket closes once every line heard is written.
+    const allDone = [...live.lines.values()].every((each) => each.dataset.done);
+    if (!live.audio && allDone && live.socket) live.socket.close(1000);
+  } else if (event.type === "conversation.item.input_audio_transcription.failed"
+             || event.type === "error") {
+    showError($("live-error"), new Error(event.error.message));
+  }
+}
+
+function stopMicrophone() {
+  if (live.audio) live.audio.context.close();
+  if (live.stream) live.stream.getTracks().forEach((track) => track.stop());
+  live.audio = null;
+  live.stream = null;
+}
+
+function liveStopped(status) {
+  stopMicrophone();
+  live.socket = null;
+  $("live-toggle").textContent = "Start";
+  $("live-toggle").classList.remove("recording");
+  $("live-status").textContent = status;
+}
+
+async function startLive() {
+  hideError($("live-error"));
+  if (!navigator.mediaDevices || !window.AudioContext) {
+    showError($("live-error"), new Error("this browser cannot record here (it needs https or localhost)"));
+    return;
+  }
+  try {
+    live.stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (error) {
+    showError($("live-error"), new Error(`no microphone: ${error.message || error.name}`));
+    return;
+  }
+  const key = apiKey();
+  const socket = new WebSocket(realtimeUrl(),
+    key ? ["realtime", `openai-insecure-api-key.${key}`] : ["realtime"]);
+  live.socket = socket;
+  live.lines = new Map();
+  live.speaking = false;
+  $("live-toggle").textContent = "Stop";
+  $("live-toggle").classList.add("recording");
+  $("live-status").textContent = "connecting…";
+  socket.addEventListener("message", (message) => onLiveEvent(JSON.parse(message.data)));
+  socket.addEventListener("close", (event) => {
+    if (live.socket === socket) liveStopped(event.code === 1000 ? "stopped" : `closed (${event.code})`);
+  });
+  socket.addEventListener("open", () => {
+    socket.send(JSON.stringify({
+      type: "session.update",
+      session: {
+        type: "transcription",
+        audio: { input: {
+          format: { type: "audio/pcm", rate: LIVE_RATE },
+          transcription: { model: model() },
+          turn_detection: { type: "server_vad", silence_duration_ms: 600 },
+        } },
+      },
+    }));
+    const context = new AudioContext({ sampleRate: LIVE_RATE });
+    const source = context.createMediaStreamSource(live.stream);
+    // ScriptProcessor: no worklet file to load; its ~170 ms blocks are fine for captions.
+    const processor = context.createScriptProcessor(4096, 1, 1);
+    processor.addEventListener("audioprocess", (block) => {
+      if (socket.readyState !== WebSocket.OPEN) return;
+      const audio = pcm16Base64(block.inputBuffer.getChannelData(0), context.sampleRate);
+      socket.send(JSON.stringify({ type: "input_audio_buffer.append", audio }));
+    });
+    source.connect(processor);
+    processor.connect(context.destination);
+    live.audio = { context, processor };
+    $("live-status").textContent = "listening…";
+  });
+}
+
+function stopLive() {
+  const socket = live.socket;
+  stopMicrophone();
+  if (!socket || socket.readyState !== WebSocket.OPEN) {
+    liveStopped("stopped");
+    return;
+  }
+  if (live.speaking) {
+    // The turn still being heard is committed; the socket closes once it is written.
+    socket.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
+    live.speaking = false;
+    $("live-status").textContent = "finishing the last line…";
+  } else {
+    socket.close(1000);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Wiring.
 
 function showView(name) {
-  for (const view of ["chat", "transcribe"]) {
+  for (const view of ["chat", "transcribe", "live"]) {
     const active = view === name;
     $(`view-${view}`).hidden = !active;
     $(`tab-${view}`).setAttribute("aria-selected", String(active));
@@ -674,7 +829,9 @@ function showView(name) {
 function init() {
   $("tab-chat").addEventListener("click", () => showView("chat"));
   $("tab-transcribe").addEventListener("click", () => showView("transcribe"));
-  showView(location.hash === "#transcribe" ? "transcribe" : "chat");
+  $("tab-live").addEventListener("click", () => showView("live"));
+  const views = { "#transcribe": "transcribe", "#live": "live" };
+  showView(views[location.hash] || "chat");
 
   $("api-key").value = apiKey();
   $("key-form").addEventListener("submit", (event) => {
@@ -734,6 +891,8 @@ function init() {
   enableDrop($("transcribe-form"), (files) => {
     if (files[0]) setTranscriptionAudio(files[0], files[0].name);
   });
+
+  $("live-toggle").addEventListener("click", () => (live.socket ? stopLive() : startLive()));
 
   updateButtons();
   checkHealth();

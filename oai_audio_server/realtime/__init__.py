@@ -1,0 +1,1 @@
+"""OpenAI's Realtime API without HTTP: wire types, input audio, server VAD, sessions."""
