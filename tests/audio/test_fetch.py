@@ -144,7 +144,7 @@ def test_at_most_five_redirects(server: str) -> None:
 def test_byte_cap_from_content_length(server: str) -> None:
     with pytest.raises(InvalidAudioError) as caught:
         _fetch(f"{server}/tone.wav", _settings(max_audio_bytes=1000))
-    assert "max_audio_bytes" in caught.value.message
+    assert "--max-audio-bytes" in caught.value.message
 
 
 def test_byte_cap_while_streaming(server: str) -> None:
