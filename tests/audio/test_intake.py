@@ -139,7 +139,7 @@ def test_byte_limit(extractor: MelFeatureExtractor) -> None:
     with pytest.raises(InvalidAudioError) as caught:
         asyncio.run(_intake(extractor, max_audio_bytes=1000).from_bytes(FLAC, None))
     assert caught.value.status_code == 400
-    assert "max_audio_bytes" in caught.value.message
+    assert "--max-audio-bytes" in caught.value.message
     with pytest.raises(InvalidAudioError):
         encoded = base64.b64encode(FLAC).decode()
         asyncio.run(_intake(extractor, max_audio_bytes=1000).from_base64(encoded, None))
