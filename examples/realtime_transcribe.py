@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import base64
 import io
+import sys
 import wave
 
-from _audio import API_KEY, BASE_URL, MODEL, audio_from_argv
+from _audio import API_KEY, BASE_URL, MODEL, audio_from_argv, tone_wav
 from openai import OpenAI
 
 CHUNK_MS = 100
@@ -30,7 +31,8 @@ def pcm_of(audio: bytes, fmt: str) -> tuple[bytes, int]:
 
 
 def main() -> None:
-    audio, fmt = audio_from_argv()
+    # Raw PCM is what the Realtime API takes: a WAV named on the command line, else a tone.
+    audio, fmt = audio_from_argv() if len(sys.argv) > 1 else (tone_wav(), "wav")
     pcm, rate = pcm_of(audio, fmt)
     if rate not in (24000, 16000):
         raise SystemExit(f"the WAV is {rate} Hz; this example sends 24000 or 16000 Hz PCM")
