@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import torch
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
-from oai_audio_server.engine.batch import Row
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
 from oai_audio_server.models.base import EngineModel
 from oai_audio_server.models.block_manager import BlockManager
@@ -80,10 +79,8 @@ class PagedDriver:
         for index, token in enumerate(tokens):
             if self.lengths[index] // size >= len(self.tables[index]):
                 self.tables[index] += self.blocks.allocate(1)
-            row = Row(handle=None, text=None, sampling=None, pacer=None,  # type: ignore[arg-type]
-                      variant=self.variants[index], position=self.lengths[index],
-                      blocks=self.tables[index])
-            rows.load(index, torch.tensor([token]), row)
+            rows.load(index, torch.tensor([token]), self.lengths[index], self.variants[index],
+                      self.tables[index])
         logits = self.runner.decode(len(tokens), max(self.lengths[: len(tokens)]))
         for index in range(len(tokens)):
             self.lengths[index] += 1

@@ -10,6 +10,7 @@ blocks).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,14 +59,17 @@ class DeviceRows:
         self.block_tables = torch.zeros((capacity, max_blocks), dtype=torch.long, device=device)
         self._device = device
 
-    def load(self, index: int, token: torch.Tensor, row: Row) -> None:
-        """Row ``index`` from a finished prefill: its next input token [1] (on the
-        device), its position, variant and blocks."""
+    def load(
+        self, index: int, token: torch.Tensor, position: int, variant: int,
+        blocks: Sequence[int],
+    ) -> None:
+        """Row ``index`` after its prefill: its next input token [1] (on the device), the
+        position that token is written to, its rotary variant and its blocks."""
         self.tokens[index : index + 1] = token
-        values = torch.tensor([row.position, row.variant], dtype=torch.long)
+        values = torch.tensor([position, variant], dtype=torch.long)
         self.positions[index], self.variants[index] = values.to(self._device)
         table = torch.zeros(self.block_tables.shape[1], dtype=torch.long)
-        table[: len(row.blocks)] = torch.tensor(row.blocks, dtype=torch.long)
+        table[: len(blocks)] = torch.tensor(list(blocks), dtype=torch.long)
         self.block_tables[index] = table.to(self._device)
 
     def set_block(self, index: int, slot: int, block: int) -> None:

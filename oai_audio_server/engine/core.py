@@ -524,7 +524,7 @@ class BatchingEngine:
         if sampled:
             samplers = [row.sampling for row in sampled]
             chosen = sample(logits, samplers, SamplingPlan(samplers, bundle.device))
-        picks = iter(range(len(sampled)))
+        pick_of = {id(row): index for index, row in enumerate(sampled)}
         for row in done:
             prefilled = row.prefill_total
             row.pending = None
@@ -533,13 +533,13 @@ class BatchingEngine:
                 row.resumed = False
             else:
                 assert chosen is not None
-                pick = next(picks)
+                pick = pick_of[id(row)]
                 token = chosen[pick : pick + 1]
                 row.position = prefilled
                 self._counters["prompt_tokens"] += prefilled
             index = len(self._decoding)
             self._decoding.append(row)
-            runner.rows.load(index, token, row)
+            runner.rows.load(index, token, row.position, row.variant, row.blocks)
         self._plan = None
         self._counters["peak_batch_size"] = max(
             self._counters["peak_batch_size"], len(self._decoding)
@@ -557,12 +557,14 @@ class BatchingEngine:
         assert blocks is not None
         size = blocks.block_size
         while True:
-            needy = [r for r in self._decoding if r.position // size >= len(r.blocks)]
+            needy = [
+                (index, row) for index, row in enumerate(self._decoding)
+                if row.position // size >= len(row.blocks)
+            ]
             if len(needy) <= blocks.free_blocks:
                 break
             self._preempt(runner)
-        for row in needy:
-            index = self._decoding.index(row)
+        for index, row in needy:
             (block,) = blocks.allocate(1)
             runner.rows.set_block(index, len(row.blocks), block)
             row.blocks.append(block)
@@ -666,7 +668,7 @@ class BatchingEngine:
         assert self._runner is not None and self._bundle is not None
         token = torch.tensor([row.generated[-1] if row.generated else 0],
                              device=self._bundle.device)
-        self._runner.rows.load(index, token, row)
+        self._runner.rows.load(index, token, row.position, row.variant, row.blocks)
 
     def _retire(self) -> None:
         """Drop finished, cancelled and timed-out rows and free their blocks; the last

@@ -76,8 +76,8 @@ class DecodeMeta:
                 <= self.positions[:, None]
             )
             zero = torch.zeros((), dtype=dtype, device=visible.device)
-            hidden_ = torch.full((), float("-inf"), dtype=dtype, device=visible.device)
-            self.mask = torch.where(visible, zero, hidden_)[:, None, None, :]
+            masked = torch.full((), float("-inf"), dtype=dtype, device=visible.device)
+            self.mask = torch.where(visible, zero, masked)[:, None, None, :]
         return self
 
 
@@ -160,9 +160,9 @@ def attend(
     meta: AttentionMeta, scale: float | None,
 ) -> torch.Tensor:
     """Store this pass's keys and values, then attend (token-major in and out)."""
+    slots = meta.slot_ids if isinstance(meta, DecodeMeta) else meta.slots
+    assert slots is not None, "DecodeMeta.prepared() builds the slots"
+    store_kv(cache_layer, slots, k, v)
     if isinstance(meta, DecodeMeta):
-        assert meta.slot_ids is not None, "DecodeMeta.prepared() builds the slots"
-        store_kv(cache_layer, meta.slot_ids, k, v)
         return decode_attention(q, cache_layer, meta, scale)
-    store_kv(cache_layer, meta.slots, k, v)
     return prefill_attention(q, k, v, cache_layer, meta, scale)

@@ -23,10 +23,12 @@ class RMSNorm(nn.Module):
         """``residual + x`` (the new residual stream) and its norm: the residual add of
         one sub-layer and the norm of the next, one fused kernel on a GPU."""
         if x.is_cuda:
-            from oai_audio_server.models.kernels import fused
+            from oai_audio_server.models.kernels import triton_available
 
-            if fused.available():
-                return fused.add_rmsnorm(x, residual, self.weight, self.eps)
+            if triton_available():
+                from oai_audio_server.models.kernels.fused import add_rmsnorm
+
+                return add_rmsnorm(x, residual, self.weight, self.eps)
         summed = x if residual is None else x + residual
         return self(summed), summed
 
@@ -40,18 +42,23 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat([head * cos + turned * sin, rest], dim=-1).type_as(x)
 
 
+def query_key_scale(q_scale: torch.Tensor, q_heads: int, k_heads: int) -> torch.Tensor:
+    """[tokens, q_heads + k_heads, 1]: each query head's scale (log-n), 1 for the keys.
+    Built once per forward pass and shared by every layer."""
+    heads = torch.arange(q_heads + k_heads, device=q_scale.device)[None, :, None]
+    return torch.where(heads < q_heads, q_scale[:, None, None], 1.0)
+
+
 def rotate_qk(
     qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int,
-    q_scale: torch.Tensor | None = None,
+    qk_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys side by side, ``qk`` [tokens, q_heads + k_heads, d], rotated in
-    one pass. ``q_scale`` [tokens] (log-n attention) is folded into the queries' cos and
-    sin: scaling commutes with the rotation. ``cos``/``sin``: [tokens, dim] float32."""
+    one pass. ``qk_scale`` (see query_key_scale) is folded into the cos and sin: scaling
+    commutes with the rotation. ``cos``/``sin``: [tokens, dim] float32."""
     cos_, sin_ = cos[:, None, :], sin[:, None, :]
-    if q_scale is not None:
-        heads = torch.arange(qk.shape[1], device=qk.device)[None, :, None]
-        scale = torch.where(heads < q_heads, q_scale[:, None, None], 1.0)
-        cos_, sin_ = cos_ * scale, sin_ * scale
+    if qk_scale is not None:
+        cos_, sin_ = cos_ * qk_scale, sin_ * qk_scale
     turned = rotate(qk, cos_, sin_)
     return turned[:, :q_heads], turned[:, q_heads:]
 

@@ -10,13 +10,6 @@ import functools
 
 import torch
 
-from oai_audio_server.models.kernels import triton_available
-
-
-@functools.cache
-def available() -> bool:
-    return triton_available()
-
 
 @functools.cache
 def _kernel():

@@ -28,7 +28,7 @@ from torch import nn
 
 from oai_audio_server.models.attention import AttentionMeta, attend
 from oai_audio_server.models.kv_cache import PagedKVCache
-from oai_audio_server.models.layers import RMSNorm, fuse_linears, rotate_qk
+from oai_audio_server.models.layers import RMSNorm, fuse_linears, query_key_scale, rotate_qk
 from oai_audio_server.models.qwen_audio.audio_encoder import AudioEncoder
 from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
 
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         the cache slots ``meta`` names."""
         tokens = x.shape[0]
         qkv = self.c_attn(x).view(tokens, 3 * self.heads, self.head_dim)
-        q, k = rotate_qk(qkv[:, : 2 * self.heads], rope.cos, rope.sin, self.heads, rope.q_scale)
+        q, k = rotate_qk(qkv[:, : 2 * self.heads], rope.cos, rope.sin, self.heads, rope.qk_scale)
         out = attend(q, k, qkv[:, 2 * self.heads :], cache_layer, meta, self.scale)
         return cast(torch.Tensor, self.c_proj(out.reshape(tokens, -1)))
 
@@ -104,11 +104,12 @@ class Block(nn.Module):
 
 @dataclass(frozen=True)
 class Rope:
-    """Per token: cos, sin [tokens, dim] (float32) and the query scale (log-n) [tokens]."""
+    """Per token: cos, sin [tokens, dim] (float32) and the query heads' log-n scale beside
+    ones for the key heads [tokens, 2 * heads, 1] (layers.query_key_scale)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    q_scale: torch.Tensor | None = None
+    qk_scale: torch.Tensor | None = None
 
 
 class RotaryTables(nn.Module):
@@ -152,10 +153,11 @@ class RotaryTables(nn.Module):
             return 0
         return self.alphas.index(ntk_alpha(prompt_len, self.seq_length))
 
-    def rope(self, variants: torch.Tensor, positions: torch.Tensor) -> Rope:
+    def rope(self, variants: torch.Tensor, positions: torch.Tensor, heads: int) -> Rope:
         """For tokens at ``positions`` [tokens] under rotary ``variants`` [tokens]."""
         return Rope(
-            self.cos[variants, positions], self.sin[variants, positions], self.logn[positions]
+            self.cos[variants, positions], self.sin[variants, positions],
+            query_key_scale(self.logn[positions], heads, heads),
         )
 
 

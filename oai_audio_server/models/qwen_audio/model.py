@@ -129,7 +129,8 @@ class QwenAudioModel(nn.Module):
     ) -> torch.Tensor:
         """Packed prompt chunks [tokens, hidden] -> float32 logits of the tokens at
         ``meta.last_index``."""
-        hidden = self.transformer(embeds, self.rotary.rope(variants, positions), cache, meta)
+        rope = self.rotary.rope(variants, positions, self.config.num_attention_heads)
+        hidden = self.transformer(embeds, rope, cache, meta)
         return self.lm_head(hidden[meta.last_index]).float()
 
     def decode(
@@ -140,5 +141,5 @@ class QwenAudioModel(nn.Module):
         row count (and, for the sdpa backend, ``meta.kv_len``): capturable in a graph."""
         embeds = self.embed_tokens(tokens)
         meta = meta.prepared(embeds.dtype)
-        rope = self.rotary.rope(variants, meta.positions)
+        rope = self.rotary.rope(variants, meta.positions, self.config.num_attention_heads)
         return self.lm_head(self.transformer(embeds, rope, cache, meta)).float()
