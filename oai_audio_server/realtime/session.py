@@ -49,7 +49,13 @@ from oai_audio_server.realtime.audio_format import (
     input_format,
     wav,
 )
-from oai_audio_server.realtime.vad import EnergyVad, SpeechStart, SpeechStop
+from oai_audio_server.realtime.vad import (
+    FRAME_MS,
+    MIN_SPEECH_MS,
+    EnergyVad,
+    SpeechStart,
+    SpeechStop,
+)
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
 from oai_audio_server.sse import next_events
@@ -389,9 +395,11 @@ class RealtimeSession:
                 elif isinstance(vad_event, SpeechStop):
                     await self._speech_stopped(vad_event.end_ms)
             if not self._vad.in_speech:
-                # Outside speech only the prefix padding can still be needed.
+                # Outside speech only the prefix padding can still be needed (before loud
+                # frames that may yet start speech).
                 detection = self._turn_detection
-                keep = self._sample(detection.prefix_padding_ms) if detection else 0
+                padding = detection.prefix_padding_ms if detection else 0
+                keep = self._sample(padding + MIN_SPEECH_MS + FRAME_MS)
                 self._drop_before(max(self._buffer_start, self._written - keep))
 
     def _buffer_full(self) -> SessionLimitError:
@@ -467,13 +475,20 @@ class RealtimeSession:
         data = wav(samples, self._format.rate)
         if self.kind == "realtime":
             # The same intake (and feature cache) as chat completions' audio.
-            item.audio[0] = asyncio.ensure_future(self._runtime.intake.from_bytes(data, "wav"))
+            item.audio[0] = self._decode_audio(data)
         self._items.append(item)
         await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
         if self._transcription is not None:
             self._spawn(self._transcribe(item, previous, data))
         else:
             await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=previous))
+
+    def _decode_audio(self, data: bytes) -> asyncio.Task[PreparedAudio]:
+        """Features of a turn's audio, decoded now; a response awaits them (and reports
+        a decode error), so one that is never used must not log an unread exception."""
+        task = asyncio.ensure_future(self._runtime.intake.from_bytes(data, "wav"))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return task
 
     def _check_item_room(self) -> None:
         limit = self._settings.max_messages
@@ -560,9 +575,7 @@ class RealtimeSession:
             if part.type == "input_audio":
                 samples = decode_chunk(part.audio or "", self._format, self._room_bytes())
                 data = wav(samples, self._format.rate)
-                item.audio[index] = asyncio.ensure_future(
-                    self._runtime.intake.from_bytes(data, "wav")
-                )
+                item.audio[index] = self._decode_audio(data)
                 item.parts.append(wire.ContentPart(type="input_audio", transcript=part.transcript))
             else:
                 item.parts.append(wire.ContentPart(type=part.type, text=part.text or ""))
