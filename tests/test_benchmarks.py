@@ -68,3 +68,12 @@ def test_serving_benchmark_builds_and_runs_a_qwen2_audio_checkpoint() -> None:
     (row,) = table_rows(output, "2")
     assert int(row[1]) >= 1 and row[2] == "0", output
     assert float(row[3]) > 0, output
+
+
+def test_realtime_latency_runs(tiny_checkpoint: Path) -> None:
+    output = run("realtime_latency.py", str(tiny_checkpoint), "--sessions", "2",
+                 "--turns", "1", "--turn-seconds", "0.5", "--torch-threads", "1")
+    (row,) = table_rows(output, "2")
+    # Both turns transcribed, no error, and times reported.
+    assert row[1:3] == ["2", "0"], output
+    assert all(cell.endswith("ms") for cell in row[3:]), output
