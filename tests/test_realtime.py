@@ -363,6 +363,31 @@ def test_audio_turn_gets_an_answer(server: ServerProcess) -> None:
                           "response.output_item.done", "conversation.item.done", "response.done"]
 
 
+def test_vad_turns_answer_and_interrupt(server: ServerProcess) -> None:
+    """Server VAD in a conversation: a turn's end starts a response (create_response), and
+    speech during a response cancels it (interrupt_response)."""
+    quiet = np.zeros(RATE // 2, dtype="<i2")
+    turn = np.concatenate([quiet, pcm24(1.0, 380.0, seed=9), quiet, quiet])
+    with connect(ws_url(server, "model=qwen-audio-chat")) as ws:
+        created = receive_until(ws, "session.created")[-1]
+        assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        for chunk in chunks_b64(turn):
+            send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+        events = receive_until(ws, "response.done")
+        kinds = [event["type"] for event in events]
+        assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index(
+            "input_audio_buffer.committed") < kinds.index("response.created")
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+        send(ws, HELLO)
+        send(ws, LONG_ANSWER)
+        receive_until(ws, "response.output_text.delta")
+        send(ws, {"type": "input_audio_buffer.append", "audio": chunks_b64(turn, 1000)[1]})
+        done = receive_until(ws, "response.done")[-1]["response"]
+        assert done["status"] == "cancelled"
+        assert done["status_details"]["reason"] == "turn_detected"
+    wait_batch_empty(server)
+
+
 def test_disconnect_frees_rows(server: ServerProcess) -> None:
     before = health(server)
     ws = connect(ws_url(server, "model=qwen-audio-chat"))
