@@ -26,12 +26,8 @@ from oai_audio_server.errors import (
 )
 from oai_audio_server.http.auth import OWN_AUTH, bearer_token
 from oai_audio_server.realtime import protocol as wire
-from oai_audio_server.realtime.session import (
-    Kind,
-    RealtimeSession,
-    SessionLimitError,
-    error_detail,
-)
+from oai_audio_server.realtime.errors import SessionLimitError, error_detail
+from oai_audio_server.realtime.session import Kind, RealtimeSession
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.transcription.service import TranscriptionService
 
