@@ -28,6 +28,7 @@ from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from server_process import SUITE_FLAGS, ServerProcess, running_server
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin
 
 RATE = 24000
 KEY = "rt-secret"
@@ -506,6 +507,17 @@ def test_api_key_as_header_or_subprotocol(limited: ServerProcess) -> None:
         assert receive_until(ws, "session.created")
     with connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
         assert ws.subprotocol == "realtime"  # the key is never echoed back
+        assert receive_until(ws, "session.created")
+
+
+def test_other_sites_cannot_connect(limited: ServerProcess) -> None:
+    """A browser page from another origin is refused (browsers apply no CORS to
+    WebSockets); the server's own page and clients without an Origin are not."""
+    url = ws_url(limited, "intent=transcription")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with connect(url, additional_headers=auth, origin=Origin("http://evil.example")) as ws:
+        assert closed_after_error(ws)["code"] == "cors_origin_not_allowed"
+    with connect(url, additional_headers=auth, origin=Origin(limited.base_url)) as ws:
         assert receive_until(ws, "session.created")
 
 
