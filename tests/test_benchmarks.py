@@ -86,3 +86,12 @@ def test_the_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
     levels = report["steps"]["engine"]["levels"]
     assert [level["clients"] for level in levels] == [1, 2]
     assert all(level["errors"] == 0 and level["tokens_per_s"] > 0 for level in levels)
+
+
+def test_realtime_latency_runs(tiny_checkpoint: Path) -> None:
+    output = run("realtime_latency.py", str(tiny_checkpoint), "--sessions", "2",
+                 "--turns", "1", "--turn-seconds", "0.5", "--torch-threads", "1")
+    (row,) = table_rows(output, "2")
+    # Both turns transcribed, no error, and times reported.
+    assert row[1:3] == ["2", "0"], output
+    assert all(cell.endswith("ms") for cell in row[3:]), output

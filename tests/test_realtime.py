@@ -28,6 +28,7 @@ from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from server_process import SUITE_FLAGS, ServerProcess, running_server
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin
 
 RATE = 24000
 KEY = "rt-secret"
@@ -363,6 +364,31 @@ def test_audio_turn_gets_an_answer(server: ServerProcess) -> None:
                           "response.output_item.done", "conversation.item.done", "response.done"]
 
 
+def test_vad_turns_answer_and_interrupt(server: ServerProcess) -> None:
+    """Server VAD in a conversation: a turn's end starts a response (create_response), and
+    speech during a response cancels it (interrupt_response)."""
+    quiet = np.zeros(RATE // 2, dtype="<i2")
+    turn = np.concatenate([quiet, pcm24(1.0, 380.0, seed=9), quiet, quiet])
+    with connect(ws_url(server, "model=qwen-audio-chat")) as ws:
+        created = receive_until(ws, "session.created")[-1]
+        assert created["session"]["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+        for chunk in chunks_b64(turn):
+            send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+        events = receive_until(ws, "response.done")
+        kinds = [event["type"] for event in events]
+        assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index(
+            "input_audio_buffer.committed") < kinds.index("response.created")
+        assert events[-1]["response"]["status"] in ("completed", "incomplete")
+        send(ws, HELLO)
+        send(ws, LONG_ANSWER)
+        receive_until(ws, "response.output_text.delta")
+        send(ws, {"type": "input_audio_buffer.append", "audio": chunks_b64(turn, 1000)[1]})
+        done = receive_until(ws, "response.done")[-1]["response"]
+        assert done["status"] == "cancelled"
+        assert done["status_details"]["reason"] == "turn_detected"
+    wait_batch_empty(server)
+
+
 def test_disconnect_frees_rows(server: ServerProcess) -> None:
     before = health(server)
     ws = connect(ws_url(server, "model=qwen-audio-chat"))
@@ -481,6 +507,17 @@ def test_api_key_as_header_or_subprotocol(limited: ServerProcess) -> None:
         assert receive_until(ws, "session.created")
     with connect(url, subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
         assert ws.subprotocol == "realtime"  # the key is never echoed back
+        assert receive_until(ws, "session.created")
+
+
+def test_other_sites_cannot_connect(limited: ServerProcess) -> None:
+    """A browser page from another origin is refused (browsers apply no CORS to
+    WebSockets); the server's own page and clients without an Origin are not."""
+    url = ws_url(limited, "intent=transcription")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with connect(url, additional_headers=auth, origin=Origin("http://evil.example")) as ws:
+        assert closed_after_error(ws)["code"] == "cors_origin_not_allowed"
+    with connect(url, additional_headers=auth, origin=Origin(limited.base_url)) as ws:
         assert receive_until(ws, "session.created")
 
 

@@ -1,8 +1,9 @@
 """``GET /v1/realtime``: OpenAI's Realtime API as a WebSocket (Litestar's own support).
 
-The route only does what needs the socket: the API key (a Bearer header, or the
-browser's ``openai-insecure-api-key.KEY`` subprotocol, since browsers cannot set
-headers on a WebSocket), the sessions-per-server and session-length limits, one writer
+The route only does what needs the socket: the Origin (browsers apply no CORS to
+WebSockets), the API key (a Bearer header, or the browser's
+``openai-insecure-api-key.KEY`` subprotocol, since browsers cannot set headers on a
+WebSocket), the sessions-per-server and session-length limits, one writer
 task that sends events in order, and reading client messages into the session
 (``oai_audio_server.realtime.session``). A refused connection is still accepted, so the
 client gets an ``error`` event that says why, and is then closed.
@@ -23,15 +24,12 @@ from oai_audio_server.errors import (
     AuthenticationError,
     InvalidRequestError,
     OverloadedError,
+    PermissionDeniedError,
 )
 from oai_audio_server.http.auth import OWN_AUTH, bearer_token
 from oai_audio_server.realtime import protocol as wire
-from oai_audio_server.realtime.session import (
-    Kind,
-    RealtimeSession,
-    SessionLimitError,
-    error_detail,
-)
+from oai_audio_server.realtime.errors import SessionLimitError, error_detail
+from oai_audio_server.realtime.session import Kind, RealtimeSession
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.transcription.service import TranscriptionService
 
@@ -86,6 +84,21 @@ def key_error(scope: Any, authorization: str | None, api_key: str | None) -> API
     if not hmac.compare_digest(key.encode(), api_key.encode()):
         return AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
     return None
+
+
+def origin_error(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> APIError | None:
+    """Browsers send Origin on a WebSocket handshake but apply no CORS to it, so any site
+    could otherwise read a keyless server's sessions: only the server's own page and
+    --allowed-origins may connect. Clients that send no Origin (SDKs, tools) pass."""
+    if origin is None or "*" in allowed or origin in allowed:
+        return None
+    if origin.partition("://")[2] == (host or ""):
+        return None  # the page this server serves
+    return PermissionDeniedError(
+        f"WebSocket connections from the origin {origin!r} are not allowed; add it to "
+        "--allowed-origins",
+        code="cors_origin_not_allowed",
+    )
 
 
 class Writer:
@@ -176,7 +189,9 @@ def build_realtime_routes(runtime: Runtime) -> list[Any]:
         await socket.accept(
             subprotocols=REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
         )
-        problem = key_error(socket.scope, socket.headers.get("authorization"), settings.api_key)
+        problem = origin_error(
+            socket.headers.get("origin"), socket.headers.get("host"), settings.allowed_origins
+        ) or key_error(socket.scope, socket.headers.get("authorization"), settings.api_key)
         if problem is not None:
             await refuse(socket, problem, CLOSE_POLICY)
             return

@@ -2,22 +2,20 @@
 
 The route hands every client message to ``RealtimeSession.handle`` and sends what the
 session passes to ``emit``. State: the session's settings, the input audio buffer
-(int16 samples in the input format), the server VAD, the conversation's items and the
-tasks that transcribe committed audio or write a response. Work that waits on the
-engine runs in tasks, so events keep being read while it runs (``response.cancel``,
-more audio); ``close`` cancels them all, which frees their engine rows.
+(int16 samples in the input format), the server VAD, the conversation's items, and the
+tasks that transcribe committed audio; responses are written by ``responses.Responder``.
+Work that waits on the engine runs in tasks, so events keep being read while it runs
+(``response.cancel``, more audio); ``close`` cancels them all, which frees their rows.
 
 A committed turn becomes the WAV file a client would upload, and goes through the same
 path as /v1/audio/transcriptions (``TranscriptionService``) or, in a conversation, the
-same audio intake and prompt builder as chat completions.
+same audio intake as chat completions' audio.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Literal
 
 import msgspec
@@ -25,34 +23,28 @@ import numpy as np
 from msgspec import UNSET
 
 from oai_audio_server.audio.types import PreparedAudio
-from oai_audio_server.chat.messages import AudioBudget, to_conversation
-from oai_audio_server.chat.service import check_model, sampling_params, text_interval
+from oai_audio_server.chat.service import check_model
 from oai_audio_server.engine.types import (
-    Failed,
-    Finished,
     GenerationHandle,
-    GenerationRequest,
-    TextDelta,
 )
-from oai_audio_server.errors import APIError, EngineError, InvalidRequestError
-from oai_audio_server.protocol import (
-    AudioURLPart,
-    ChatCompletionRequest,
-    ChatMessage,
-    InputAudio,
-    InputAudioPart,
-    TextPart,
-)
+from oai_audio_server.errors import APIError
 from oai_audio_server.realtime import protocol as wire
 from oai_audio_server.realtime.audio_format import (
     decode_chunk,
     input_format,
     wav,
 )
-from oai_audio_server.realtime.vad import EnergyVad, SpeechStart, SpeechStop
+from oai_audio_server.realtime.errors import SessionLimitError, error_detail, invalid
+from oai_audio_server.realtime.responses import Item, Responder, output_tokens
+from oai_audio_server.realtime.vad import (
+    FRAME_MS,
+    MIN_SPEECH_MS,
+    EnergyVad,
+    SpeechStart,
+    SpeechStop,
+)
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
-from oai_audio_server.sse import next_events
 from oai_audio_server.transcription.protocol import TranscriptionOptions
 from oai_audio_server.transcription.service import TokenTally, TranscriptionService
 
@@ -60,50 +52,6 @@ Kind = Literal["realtime", "transcription"]
 Emit = Callable[[wire.ServerEvent], Awaitable[None]]
 MIN_COMMIT_MS = 100  # OpenAI refuses shorter commits with the same code
 LOGPROBS = "item.input_audio_transcription.logprobs"
-
-
-class SessionLimitError(APIError):
-    """A session limit was passed: the client gets this error and the socket closes."""
-
-    status_code = 400
-    error_type = "invalid_request_error"
-
-
-def error_detail(error: APIError, client_event_id: str | None = None) -> wire.ErrorDetail:
-    return wire.ErrorDetail(
-        type=error.error_type,
-        code=error.code,
-        message=error.message,
-        param=error.param,
-        event_id=client_event_id,
-    )
-
-
-def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
-    return InvalidRequestError(message, param=param, code=code)
-
-
-@dataclass
-class Item:
-    """A conversation item; audio parts hold their decoded features (or the decode)."""
-
-    id: str
-    role: Literal["user", "assistant", "system"]
-    parts: list[wire.ContentPart]
-    audio: dict[int, asyncio.Task[PreparedAudio]] = field(default_factory=dict)
-    status: Literal["completed", "incomplete", "in_progress"] = "completed"
-
-    def wire(self) -> wire.MessageItem:
-        # Audio is never echoed back: the client has it, and it can be megabytes.
-        parts = [msgspec.structs.replace(p, audio=None) for p in self.parts]
-        return wire.MessageItem(role=self.role, content=parts, id=self.id, status=self.status)
-
-
-@dataclass
-class ActiveResponse:
-    id: str
-    task: asyncio.Task[None]
-    cancel_reason: str | None = None
 
 
 class RealtimeSession:
@@ -139,7 +87,7 @@ class RealtimeSession:
         self._speech_item: str | None = None  # item id announced by speech_started
         self._items: list[Item] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._response: ActiveResponse | None = None
+        self._responder = Responder(settings, runtime, self._items, emit)
 
     # ------------------------------------------------------------ session settings
 
@@ -163,6 +111,9 @@ class RealtimeSession:
             max_output_tokens=self._max_output_tokens or "inf",
             audio=audio,
         )
+
+    def _max_tokens(self, value: int | str | None, param: str) -> int | None:
+        return output_tokens(value, param, self._settings)
 
     def _new_vad(self, now_ms: int) -> EnergyVad | None:
         detection = self._turn_detection
@@ -283,17 +234,6 @@ class RealtimeSession:
                 raise invalid(f"{name} must be between 0 and 10000", f"{param}.{name}")
         return detection
 
-    def _max_tokens(self, value: int | str | None, param: str) -> int | None:
-        if value is None or value == "inf":
-            return None
-        if isinstance(value, int) and 1 <= value <= self._settings.max_tokens_limit:
-            return value
-        raise invalid(
-            f"max_output_tokens must be 'inf' or an integer from 1 to "
-            f"{self._settings.max_tokens_limit}",
-            param,
-        )
-
     # ------------------------------------------------------------ client events
 
     async def handle(self, raw: str | bytes) -> None:
@@ -353,7 +293,7 @@ class RealtimeSession:
         elif isinstance(event, wire.ResponseCreateEvent):
             self._start_response(event.response)
         elif isinstance(event, wire.ResponseCancelEvent):
-            await self._cancel_response(event.response_id)
+            await self._responder.cancel(event.response_id)
 
     # ------------------------------------------------------------ input audio
 
@@ -389,9 +329,11 @@ class RealtimeSession:
                 elif isinstance(vad_event, SpeechStop):
                     await self._speech_stopped(vad_event.end_ms)
             if not self._vad.in_speech:
-                # Outside speech only the prefix padding can still be needed.
+                # Outside speech only the prefix padding can still be needed (before loud
+                # frames that may yet start speech).
                 detection = self._turn_detection
-                keep = self._sample(detection.prefix_padding_ms) if detection else 0
+                padding = detection.prefix_padding_ms if detection else 0
+                keep = self._sample(padding + MIN_SPEECH_MS + FRAME_MS)
                 self._drop_before(max(self._buffer_start, self._written - keep))
 
     def _buffer_full(self) -> SessionLimitError:
@@ -428,8 +370,8 @@ class RealtimeSession:
         self._drop_before(max(self._buffer_start, self._sample(start_ms)))
         await self._emit(wire.SpeechStarted(audio_start_ms=start_ms, item_id=self._speech_item))
         detection = self._turn_detection
-        if detection and detection.interrupt_response and self._response is not None:
-            await self._cancel_response(None, reason="turn_detected", quiet=True)
+        if detection and detection.interrupt_response and self._responder.active:
+            await self._responder.cancel(None, reason="turn_detected", quiet=True)
 
     async def _speech_stopped(self, end_ms: int) -> None:
         item_id = self._speech_item or wire.new_id("item")
@@ -441,7 +383,7 @@ class RealtimeSession:
         await self._commit(samples, item_id)
         detection = self._turn_detection
         if self.kind == "realtime" and detection and detection.create_response:
-            if self._response is None:
+            if not self._responder.active:
                 self._start_response(wire.ResponseParams())
 
     async def _commit_by_hand(self) -> None:
@@ -467,13 +409,20 @@ class RealtimeSession:
         data = wav(samples, self._format.rate)
         if self.kind == "realtime":
             # The same intake (and feature cache) as chat completions' audio.
-            item.audio[0] = asyncio.ensure_future(self._runtime.intake.from_bytes(data, "wav"))
+            item.audio[0] = self._decode_audio(data)
         self._items.append(item)
         await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
         if self._transcription is not None:
             self._spawn(self._transcribe(item, previous, data))
         else:
             await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=previous))
+
+    def _decode_audio(self, data: bytes) -> asyncio.Task[PreparedAudio]:
+        """Features of a turn's audio, decoded now; a response awaits them (and reports
+        a decode error), so one that is never used must not log an unread exception."""
+        task = asyncio.ensure_future(self._runtime.intake.from_bytes(data, "wav"))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return task
 
     def _check_item_room(self) -> None:
         limit = self._settings.max_messages
@@ -560,9 +509,7 @@ class RealtimeSession:
             if part.type == "input_audio":
                 samples = decode_chunk(part.audio or "", self._format, self._room_bytes())
                 data = wav(samples, self._format.rate)
-                item.audio[index] = asyncio.ensure_future(
-                    self._runtime.intake.from_bytes(data, "wav")
-                )
+                item.audio[index] = self._decode_audio(data)
                 item.parts.append(wire.ContentPart(type="input_audio", transcript=part.transcript))
             else:
                 item.parts.append(wire.ContentPart(type=part.type, text=part.text or ""))
@@ -578,232 +525,19 @@ class RealtimeSession:
         await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
         await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=previous))
 
-    async def _messages(
-        self, instructions: str | None
-    ) -> tuple[list[ChatMessage], dict[str, PreparedAudio]]:
-        """The conversation as chat messages, for the chat completions' own rules."""
-        messages: list[ChatMessage] = []
-        audio: dict[str, PreparedAudio] = {}
-        if instructions:
-            messages.append(ChatMessage(role="system", content=instructions))
-        for item in self._items:
-            if item.role != "user":
-                text = "".join(part.text or "" for part in item.parts)
-                messages.append(ChatMessage(role=item.role, content=text))
-                continue
-            content: list[TextPart | InputAudioPart | AudioURLPart] = []
-            for index, part in enumerate(item.parts):
-                if index in item.audio:
-                    key = f"{item.id}/{index}"
-                    audio[key] = await item.audio[index]
-                    content.append(InputAudioPart(input_audio=InputAudio(data=key, format="wav")))
-                else:
-                    content.append(TextPart(text=part.text or ""))
-            messages.append(ChatMessage(role="user", content=content))  # type: ignore[arg-type]
-        return messages, audio
-
-    # ------------------------------------------------------------ responses
+    # ------------------------------------------------------------ life cycle
 
     def _start_response(self, params: wire.ResponseParams) -> None:
         if self.kind != "realtime":
             raise invalid("transcription sessions write no responses", "type")
-        if self._response is not None:
-            raise invalid(
-                f"Conversation already has an active response in progress: "
-                f"{self._response.id}. Wait until the response is finished before creating "
-                "a new one.",
-                None,
-                "conversation_already_has_active_response",
-            )
-        if params.output_modalities not in (None, ["text"]):
-            raise invalid(
-                "this model answers in text only: set output_modalities to [\"text\"]",
-                "response.output_modalities",
-                "unsupported_value",
-            )
-        max_tokens = self._max_output_tokens
-        if params.max_output_tokens is not None:
-            max_tokens = self._max_tokens(params.max_output_tokens, "response.max_output_tokens")
-        instructions = params.instructions if params.instructions is not None else (
-            self._instructions
+        self._responder.start(
+            params, self._model, self._instructions, self._max_output_tokens
         )
-        temperature = params.temperature
-        if temperature is not None and not 0.0 <= temperature <= 2.0:
-            raise invalid("temperature must be between 0 and 2", "response.temperature")
-        response_id = wire.new_id("resp")
-        task = asyncio.ensure_future(
-            self._respond(response_id, instructions, max_tokens, temperature)
-        )
-        self._response = ActiveResponse(response_id, task)
-
-    async def _cancel_response(
-        self, response_id: str | None, reason: str = "client_cancelled", quiet: bool = False
-    ) -> None:
-        active = self._response
-        if active is None or (response_id is not None and response_id != active.id):
-            if quiet:
-                return
-            raise invalid(
-                "Cancellation failed: no active response found"
-                + (f" with id {response_id}" if response_id else ""),
-                "response_id" if response_id else None,
-                "response_cancel_not_active",
-            )
-        active.cancel_reason = reason
-        active.task.cancel()
-        # The response ends (response.done, its row freed) before the next event is read.
-        await asyncio.wait({active.task})
-
-    async def _prepare_generation(
-        self,
-        response_id: str,
-        instructions: str | None,
-        max_tokens: int | None,
-        temperature: float | None,
-    ) -> GenerationRequest:
-        messages, audio = await self._messages(instructions)
-
-        async def load(part: InputAudioPart | AudioURLPart) -> PreparedAudio:
-            assert isinstance(part, InputAudioPart)
-            return audio[part.input_audio.data]
-
-        budget = AudioBudget(
-            max_items=self._settings.max_audios_per_request,
-            max_seconds=self._settings.max_audio_seconds,
-        )
-        conversation = await to_conversation(messages, load, budget)
-        runtime = self._runtime
-        prompt = await runtime.offload(runtime.prompt_builder.build, conversation)
-        request = ChatCompletionRequest(
-            model=self._model, messages=[], max_tokens=max_tokens, temperature=temperature
-        )
-        sampling = sampling_params(request, runtime.bundle, self._settings, len(prompt.token_ids))
-        return GenerationRequest(
-            request_id=response_id,
-            prompt_ids=prompt.token_ids,
-            audio=prompt.audio_segments,
-            sampling=sampling,
-            deadline=time.monotonic() + self._settings.request_timeout,
-            text_interval=text_interval(self._settings, True),
-        )
-
-    async def _respond(
-        self,
-        response_id: str,
-        instructions: str | None,
-        max_tokens: int | None,
-        temperature: float | None,
-    ) -> None:
-        item = Item(wire.new_id("item"), "assistant", [], status="in_progress")
-        state = _ResponseState(response_id, item, max_tokens)
-        handle: GenerationHandle | None = None
-        try:
-            await self._emit(wire.ResponseCreated(response=state.wire("in_progress", [])))
-            generation = await self._prepare_generation(
-                response_id, instructions, max_tokens, temperature
-            )
-            handle = self._runtime.submit(generation)
-            await self._open_output(state)
-            await self._stream_text(state, handle)
-        except asyncio.CancelledError:
-            active = self._response
-            if active is None or active.cancel_reason is None:
-                raise  # the session is closing: nobody to tell
-            state.status, state.reason = "cancelled", active.cancel_reason
-        except Exception as exc:
-            error = exc if isinstance(exc, APIError) else EngineError(f"response failed: {exc}")
-            state.status, state.error = "failed", error
-        finally:
-            if handle is not None:
-                handle.cancel()  # at once: the row leaves the batch
-            if self._response is not None and self._response.id == response_id:
-                self._response = None
-        await self._finish(state)
-
-    async def _open_output(self, state: _ResponseState) -> None:
-        item = state.item
-        previous = self._items[-1].id if self._items else None
-        self._items.append(item)
-        state.opened = True
-        await self._emit(
-            wire.OutputItemAdded(response_id=state.id, output_index=0, item=item.wire())
-        )
-        await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
-        state.previous = previous
-        await self._emit(
-            wire.ContentPartAdded(
-                response_id=state.id,
-                item_id=item.id,
-                output_index=0,
-                content_index=0,
-                part=wire.Part(),
-            )
-        )
-
-    async def _stream_text(self, state: _ResponseState, handle: GenerationHandle) -> None:
-        while True:
-            events = await next_events(handle)
-            for event in events or []:
-                if isinstance(event, TextDelta) and event.text:
-                    state.text += event.text
-                    await self._emit(
-                        wire.OutputTextDelta(
-                            response_id=state.id,
-                            item_id=state.item.id,
-                            output_index=0,
-                            content_index=0,
-                            delta=event.text,
-                        )
-                    )
-                elif isinstance(event, Failed):
-                    raise event.error
-                elif isinstance(event, Finished):
-                    state.usage = wire.ResponseUsage(
-                        input_tokens=event.prompt_tokens,
-                        output_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
-                    if event.reason == "length":
-                        state.status, state.reason = "incomplete", "max_output_tokens"
-                    return
-
-    async def _finish(self, state: _ResponseState) -> None:
-        item = state.item
-        item.parts = [wire.ContentPart(type="output_text", text=state.text)]
-        item.status = "completed" if state.status == "completed" else "incomplete"
-        if state.opened:
-            await self._emit(
-                wire.OutputTextDone(
-                    response_id=state.id,
-                    item_id=item.id,
-                    output_index=0,
-                    content_index=0,
-                    text=state.text,
-                )
-            )
-            await self._emit(
-                wire.ContentPartDone(
-                    response_id=state.id,
-                    item_id=item.id,
-                    output_index=0,
-                    content_index=0,
-                    part=wire.Part(text=state.text),
-                )
-            )
-            await self._emit(
-                wire.OutputItemDone(response_id=state.id, output_index=0, item=item.wire())
-            )
-            await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=state.previous))
-        output = [item.wire()] if state.opened else []
-        await self._emit(wire.ResponseDone(response=state.wire(state.status, output)))
-
-    # ------------------------------------------------------------ life cycle
 
     async def close(self) -> None:
         """Cancel every task (their engine rows are freed as they unwind)."""
+        await self._responder.close()
         tasks = set(self._tasks)
-        if self._response is not None:
-            tasks.add(self._response.task)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -811,36 +545,3 @@ class RealtimeSession:
         for item in self._items:
             for decode in item.audio.values():
                 decode.cancel()
-
-
-@dataclass
-class _ResponseState:
-    id: str
-    item: Item
-    max_tokens: int | None
-    status: Literal["completed", "cancelled", "failed", "incomplete"] = "completed"
-    reason: str | None = None
-    error: APIError | None = None
-    text: str = ""
-    opened: bool = False
-    previous: str | None = None
-    usage: wire.ResponseUsage | None = None
-
-    def wire(self, status: str, output: list[wire.MessageItem]) -> wire.Response:
-        details = None
-        if status in ("cancelled", "incomplete"):
-            details = wire.StatusDetails(type=status, reason=self.reason)
-        elif status == "failed" and self.error is not None:
-            details = wire.StatusDetails(
-                type="failed",
-                error={"type": self.error.error_type, "code": self.error.code,
-                       "message": self.error.message},
-            )
-        return wire.Response(
-            id=self.id,
-            status=status,  # type: ignore[arg-type]
-            output=output,
-            max_output_tokens=self.max_tokens or "inf",
-            status_details=details,
-            usage=self.usage,
-        )

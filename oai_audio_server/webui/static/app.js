@@ -666,7 +666,11 @@ function showTranscription(body, format, task, mediaType) {
 // The server's VAD ends each turn at a pause; Stop commits the turn still being heard.
 
 const LIVE_RATE = 24000;
-const live = { socket: null, audio: null, stream: null, speaking: false, lines: new Map() };
+const live = {
+  socket: null, audio: null, stream: null, speaking: false, lines: new Map(),
+  stopping: false, flushed: false,
+};
+const LIVE_FINISH_MS = 30000;  // Stop waits at most this long for the last lines
 
 function realtimeUrl() {
   const url = new URL("v1/realtime", API_ROOT);
@@ -720,13 +724,31 @@ function onLiveEvent(event) {
     line.textContent = event.transcript;
     line.className = "";
     line.dataset.done = "true";
-    // After Stop, the socket closes once every line heard is written.
-    const allDone = [...live.lines.values()].every((each) => each.dataset.done);
-    if (!live.audio && allDone && live.socket) live.socket.close(1000);
+  } else if (event.type === "input_audio_buffer.committed") {
+    captionLine(event.item_id).dataset.committed = "true";  // its transcript will come
+  } else if (event.type === "input_audio_buffer.cleared" && live.stopping) {
+    // Stop's last event is answered: every line the server will write has begun.
+    live.flushed = true;
+    for (const [id, line] of live.lines) {
+      if (!line.dataset.committed) {
+        line.remove();  // speech that was never committed
+        live.lines.delete(id);
+      }
+    }
   } else if (event.type === "conversation.item.input_audio_transcription.failed"
              || event.type === "error") {
-    showError($("live-error"), new Error(event.error.message));
+    const late = live.stopping && event.error.code === "input_audio_buffer_commit_empty";
+    if (!late) showError($("live-error"), new Error(event.error.message));  // else: VAD ended it
+    const line = event.item_id && live.lines.get(event.item_id);
+    if (line) line.dataset.done = "failed";
   }
+  closeWhenWritten();
+}
+
+function closeWhenWritten() {
+  // After Stop, the socket closes once every line heard is written.
+  if (!live.stopping || !live.flushed || !live.socket) return;
+  if ([...live.lines.values()].every((line) => line.dataset.done)) live.socket.close(1000);
 }
 
 function stopMicrophone() {
@@ -762,6 +784,8 @@ async function startLive() {
   live.socket = socket;
   live.lines = new Map();
   live.speaking = false;
+  live.stopping = false;
+  live.flushed = false;
   $("live-toggle").textContent = "Stop";
   $("live-toggle").classList.add("recording");
   $("live-status").textContent = "connecting…";
@@ -800,18 +824,19 @@ async function startLive() {
 function stopLive() {
   const socket = live.socket;
   stopMicrophone();
-  if (!socket || socket.readyState !== WebSocket.OPEN) {
+  if (!socket || socket.readyState !== WebSocket.OPEN || live.stopping) {
+    if (socket) socket.close(1000);
     liveStopped("stopped");
     return;
   }
-  if (live.speaking) {
-    // The turn still being heard is committed; the socket closes once it is written.
-    socket.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
-    live.speaking = false;
-    $("live-status").textContent = "finishing the last line…";
-  } else {
-    socket.close(1000);
-  }
+  live.stopping = true;
+  // The turn still being heard is committed; the clear after it is answered once the
+  // server has taken in everything sent before it.
+  if (live.speaking) socket.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
+  socket.send(JSON.stringify({ type: "input_audio_buffer.clear" }));
+  live.speaking = false;
+  $("live-status").textContent = "finishing the last line…";
+  setTimeout(() => socket.readyState === WebSocket.OPEN && socket.close(1000), LIVE_FINISH_MS);
 }
 
 // ---------------------------------------------------------------------------------------
