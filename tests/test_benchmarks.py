@@ -95,3 +95,9 @@ def test_realtime_latency_runs(tiny_checkpoint: Path) -> None:
     # Both turns transcribed, no error, and times reported.
     assert row[1:3] == ["2", "0"], output
     assert all(cell.endswith("ms") for cell in row[3:]), output
+def test_grammar_step_benchmark_runs() -> None:
+    output = run("grammar_step.py", "--rows", "4", "--grammar-rows", "2", "--steps", "6",
+                 "--rounds", "1")
+    rows = {cells[1]: cells for cells in table_rows(output, "4")}
+    assert set(rows) == {"0", "2"}, output
+    assert rows["0"][2].endswith("ms") and float(rows["2"][3]) > 0, output

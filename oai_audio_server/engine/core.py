@@ -32,14 +32,20 @@ from typing import Any, TypeVar
 import torch
 
 from oai_audio_server.engine.admission import Waiting, plan_admission
-from oai_audio_server.engine.batch import Row
+from oai_audio_server.engine.batch import Row, with_followers
 from oai_audio_server.engine.cache_plan import CacheOptions, pick_attention_backend, plan_cache
 from oai_audio_server.engine.detokenizer import IncrementalText
-from oai_audio_server.engine.handles import EventSink, LoopSink, Outbox, RequestHandle
+from oai_audio_server.engine.handles import (
+    EventSink,
+    LoopSink,
+    Outbox,
+    RequestHandle,
+    group_choices,
+)
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
-from oai_audio_server.engine.sampling import RowSampling, SamplingPlan, make_generator, sample
+from oai_audio_server.engine.sampling import BatchSampler, HostStep, RowSpec
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -47,6 +53,7 @@ from oai_audio_server.engine.types import (
     GenerationEvent,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
 )
 from oai_audio_server.errors import (
     APIError,
@@ -130,7 +137,7 @@ class BatchingEngine:
         self._batch_size = 0
         self._counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self._outbox = Outbox()  # touched by the worker thread only
-        self._plan: SamplingPlan | None = None  # of the current decoding rows
+        self._sampler: BatchSampler | None = None  # sampler rows = decoding rows
         # Worker-thread state: rows decoding (device rows 0..n-1, in order), rows still
         # prefilling, and rows preempted (no blocks; they start again first).
         self._decoding: list[Row] = []
@@ -193,6 +200,12 @@ class BatchingEngine:
             raise NotReadyError("the model is not ready; retry shortly")
         target = sink if sink is not None else LoopSink(asyncio.get_running_loop())
         handles = [RequestHandle(request, target) for request in requests]
+        for previous, handle in zip(handles, handles[1:], strict=False):
+            if handle.request.same_prompt_as_previous:
+                handle.leader = previous.leader or previous
+        for request in requests:  # compiled off the step loop (a cache hit, usually)
+            if request.sampling.grammar is not None:
+                self.bundle.grammars.prefetch(request.sampling.grammar)
         with self._cond:
             for handle in handles:
                 handle.queued_at_step = self._counters["decode_steps"]
@@ -229,6 +242,7 @@ class BatchingEngine:
                 torch.cuda.set_device(bundle.device)
             with torch.inference_mode():  # the cache and the captured graphs
                 runner = self._make_runner(bundle)
+                self._sampler = BatchSampler(runner.capacity, bundle.vocab_limit, bundle.device)
         except BaseException as exc:  # reported by /health; the thread ends
             logger.exception("model load failed")
             self._load_error = exc
@@ -273,7 +287,7 @@ class BatchingEngine:
                 self._after_step()
         # shutting down: nobody will serve what is left
         stopping = NotReadyError("the server is shutting down")
-        rows = self._decoding + self._prefilling + list(self._preempted)
+        rows = with_followers(self._decoding + self._prefilling + list(self._preempted))
         for handle in list(self._waiting) + [r.handle for r in rows if not r.finished]:
             self._fail(handle, stopping)
         self._waiting.clear()
@@ -337,8 +351,10 @@ class BatchingEngine:
             return None
 
     def _fail_rows(self, bundle: ModelBundle, rows: Sequence[Row], exc: Exception) -> None:
-        """Fail these rows and free what they hold (their blocks' contents are unknown)."""
+        """Fail these rows (and the choices waiting on their prompt) and free what they
+        hold (their blocks' contents are unknown)."""
         error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        rows = with_followers(rows)
         failing = {id(row) for row in rows}
         for row in rows:
             if not row.finished:
@@ -347,12 +363,8 @@ class BatchingEngine:
             self._release(row)
         self._decoding = [r for r in self._decoding if id(r) not in failing]
         self._prefilling = [r for r in self._prefilling if id(r) not in failing]
-        self._plan = None
         if self._runner is not None:
-            rows_left = self._decoding
-            for index, row in enumerate(rows_left):
-                self._reload(index, row)
-            self._runner.rows.clear_from(len(rows_left))
+            self._reload_decoding()
         if bundle.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed call allocated
 
@@ -408,62 +420,72 @@ class BatchingEngine:
         blocks = self._blocks
         assert blocks is not None
         self._sweep_waiting()
-        running = len(self._decoding) + len(self._prefilling)
-        while self._preempted and running < runner.capacity:
+        running = len(with_followers(self._decoding + self._prefilling))
+        while self._preempted:
             row = self._preempted[0]
-            needed = blocks_needed(row.position, blocks.block_size)
-            if needed > blocks.free_blocks:
+            rows = 1 + len(row.followers)
+            if running + rows > runner.capacity or self._blocks_to_start(row) > blocks.free_blocks:
                 return  # nothing new passes a preempted row
             self._preempted.popleft()
-            row.blocks = blocks.allocate(needed)
+            self._take_blocks(row)
             self._prefilling.append(row)
-            running += 1
-        if self._preempted or not self._waiting or running >= runner.capacity:
+            running += rows
+        if not self._waiting or running >= runner.capacity:
             return
         max_len = runner.max_len
         for handle in [h for h in self._waiting if self._too_long(h, max_len)]:
             self._waiting.remove(handle)
         steps = self._counters["decode_steps"]
-        queued = list(self._waiting)
+        units = group_choices(list(self._waiting), runner.capacity)
         chosen = plan_admission(
             [
                 Waiting(
-                    blocks_needed(len(h.request.prompt_ids), blocks.block_size),
-                    steps - h.queued_at_step,
+                    # the prompt's blocks, and one for each other choice's last block
+                    blocks_needed(len(unit[0].request.prompt_ids), blocks.block_size)
+                    + len(unit) - 1,
+                    steps - unit[0].queued_at_step,
+                    rows=len(unit),
                 )
-                for h in queued
+                for unit in units
             ],
             running=running,
             capacity=runner.capacity,
             free_blocks=blocks.free_blocks,
             join_wait_steps=self._join_wait_steps,
         )
-        admitted = [queued[i] for i in chosen]
+        admitted = [handle for index in chosen for handle in units[index]]
         now = time.monotonic()
-        for handle in admitted:
-            self._waiting.remove(handle)
-            handle.admitted_at = now
-            row = self._new_row(bundle, handle)
-            row.blocks = blocks.allocate(
-                blocks_needed(len(handle.request.prompt_ids), blocks.block_size)
-            )
-            self._prefilling.append(row)
+        for index in chosen:
+            leader, *others = (self._new_row(bundle, handle) for handle in units[index])
+            leader.followers = others
+            for row in (leader, *others):
+                self._waiting.remove(row.handle)
+                row.handle.admitted_at = now
+            self._take_blocks(leader)
+            self._prefilling.append(leader)
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
 
+    def _blocks_to_start(self, row: Row) -> int:
+        assert self._blocks is not None
+        return blocks_needed(row.prefill_positions, self._blocks.block_size) + len(row.followers)
+
+    def _take_blocks(self, row: Row) -> None:
+        """Blocks for what the row prefills, and one per follower (its copy of the
+        prompt's last block, or its first answer block when the prompt fills its blocks)."""
+        blocks = self._blocks
+        assert blocks is not None
+        row.blocks = blocks.allocate(blocks_needed(row.prefill_positions, blocks.block_size))
+        for follower in row.followers:
+            follower.blocks = blocks.allocate(1)
+
     def _new_row(self, bundle: ModelBundle, handle: RequestHandle) -> Row:
         request = handle.request
-        sampling = request.sampling
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            ids = torch.tensor(request.prompt_ids, dtype=torch.long)
-            seen = ids[ids < bundle.vocab_limit].to(bundle.device)
         assert bundle.model is not None
         return Row(
             handle=handle,
-            text=IncrementalText(bundle.token_bytes, stop=sampling.stop,
+            text=IncrementalText(bundle.token_bytes, stop=request.sampling.stop,
                                  strip=request.strip_whitespace),
-            sampling=RowSampling(sampling, make_generator(sampling, bundle.device), seen),
             pacer=TextPacer(request.text_interval),
             variant=bundle.model.rotary_variant(len(request.prompt_ids)),
         )
@@ -519,34 +541,93 @@ class BatchingEngine:
             return
         done_ids = {id(r) for r in done}
         self._prefilling = [r for r in self._prefilling if id(r) not in done_ids]
-        sampled = [r for r in done if not r.resumed]
-        chosen = None
-        if sampled:
-            samplers = [row.sampling for row in sampled]
-            chosen = sample(logits, samplers, SamplingPlan(samplers, bundle.device))
-        pick_of = {id(row): index for index, row in enumerate(sampled)}
-        for row in done:
-            prefilled = row.prefill_total
-            row.pending = None
-            if row.resumed:
+        self._guarded(bundle, done, self._join, bundle, runner, done, logits)
+
+    def _join(
+        self, bundle: ModelBundle, runner: ModelRunner, done: list[Row], logits: torch.Tensor
+    ) -> None:
+        """Rows whose prefill ended join the decoding rows (and the sampler's rows at the
+        same indices): new rows with their other choices, which sample their first token
+        from the prompt's logits, then resumed rows, whose next input is known."""
+        sampler = self._sampler
+        assert sampler is not None
+        fresh = [r for r in done if not r.resumed]
+        joining: list[Row] = []
+        logit_rows: list[int] = []
+        for pick, row in enumerate(fresh):
+            row.position = row.prefill_total
+            self._counters["prompt_tokens"] += row.position
+            for follower in row.followers:
+                self._fork(runner, row, follower)
+            for member in (row, *row.followers):
+                if not self._gone(member.handle, time.monotonic()):
+                    joining.append(member)
+                    logit_rows.append(pick)
+                else:
+                    member.finished = True
+                    self._release(member)
+            row.followers = []
+        start = len(self._decoding)
+        step: HostStep | None = None
+        if joining:
+            self._add_to_sampler(bundle, start, joining)
+            picked = logits.index_select(0, torch.tensor(logit_rows, device=logits.device))
+            sampled = sampler.sample(picked, start)
+            for offset, row in enumerate(joining):
+                runner.rows.load(start + offset, sampled.ids[offset : offset + 1],
+                                 row.position, row.variant, row.blocks)
+            step = sampled.to_host()
+        self._decoding.extend(joining)
+        resumed = [r for r in done if r.resumed]
+        if resumed:
+            self._add_to_sampler(bundle, len(self._decoding), resumed)
+            for row in resumed:
                 token = torch.tensor([row.generated[-1]], device=bundle.device)
+                runner.rows.load(len(self._decoding), token, row.position, row.variant,
+                                 row.blocks)
                 row.resumed = False
-            else:
-                assert chosen is not None
-                pick = pick_of[id(row)]
-                token = chosen[pick : pick + 1]
-                row.position = prefilled
-                self._counters["prompt_tokens"] += prefilled
-            index = len(self._decoding)
-            self._decoding.append(row)
-            runner.rows.load(index, token, row.position, row.variant, row.blocks)
-        self._plan = None
+                self._decoding.append(row)
+        for row in done:
+            row.pending = None
         self._counters["peak_batch_size"] = max(
             self._counters["peak_batch_size"], len(self._decoding)
         )
-        if chosen is not None:
-            for index, (row, token) in enumerate(zip(sampled, chosen.tolist(), strict=True)):
-                self._accept(bundle, row, token, chosen[index : index + 1])
+        if step is not None:
+            self._accept_step(bundle, joining, step)
+
+    def _fork(self, runner: ModelRunner, row: Row, follower: Row) -> None:
+        """Another choice of ``row``'s prompt, just prefilled: it takes the prompt's full
+        blocks by reference and a copy of a partly filled last block (which both rows
+        write their answers into), in the block it held since admission."""
+        blocks = self._blocks
+        assert blocks is not None
+        (own,) = follower.blocks
+        partial = row.position % blocks.block_size != 0
+        shared = row.blocks[:-1] if partial else list(row.blocks)
+        blocks.share(shared)
+        if partial:
+            runner.cache.copy_block(row.blocks[-1], own)
+        follower.blocks = [*shared, own]
+        follower.position = row.position
+        follower.variant = row.variant
+
+    def _add_to_sampler(self, bundle: ModelBundle, start: int, rows: Sequence[Row]) -> None:
+        """Rows ``start..`` of the sampler; a resumed row keeps its state (seed, grammar
+        matcher, counts rebuilt from its answer)."""
+        sampler = self._sampler
+        assert sampler is not None
+        specs = []
+        for row in rows:
+            request = row.handle.request
+            grammar = request.sampling.grammar
+            specs.append(RowSpec(
+                request.sampling, request.prompt_ids,
+                bundle.grammars.compile(grammar)
+                if grammar is not None and row.sampling is None else None,
+                resume=row.sampling, generated=row.generated,
+            ))
+        for row, state in zip(rows, sampler.add_rows(start, specs), strict=True):
+            row.sampling = state
 
     # ------------------------------------------------------------------ decode
 
@@ -574,11 +655,14 @@ class BatchingEngine:
         answer so far prefilled anew) when blocks are free."""
         if self._prefilling:
             row = self._prefilling.pop()
+            for follower in row.followers:
+                self._release(follower)
         else:
             row = self._decoding.pop()
             runner.rows.clear_from(len(self._decoding))
+            assert self._sampler is not None
+            self._sampler.clear_from(len(self._decoding))
             row.resumed = True
-            self._plan = None
         self._release(row)
         row.pending = None
         row.prefilled = 0
@@ -594,56 +678,65 @@ class BatchingEngine:
         if self._last_step_start is not None:
             self._counters["decode_time_us"] += int((started - self._last_step_start) * 1e6)
         self._last_step_start = started
-        samplers = [row.sampling for row in rows]
-        if self._plan is None:
-            # Built before the step is queued: its host-to-device copies then do not wait
-            # for the forward pass.
-            self._plan = SamplingPlan(samplers, bundle.device)
-        plan = self._plan
-        stepped = self._guarded(bundle, list(rows), self._decode_once, runner, rows, plan)
-        if stepped is None:
+        host = self._guarded(bundle, list(rows), self._decode_once, runner, rows)
+        if host is None:
             return
-        chosen, tokens = stepped
         self._counters["decode_steps"] += 1
-        for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        for row in rows:
             row.position += 1
-            self._accept(bundle, row, token, chosen[index : index + 1])
+        self._accept_step(bundle, rows, host)
 
-    def _decode_once(
-        self, runner: ModelRunner, rows: list[Row], plan: SamplingPlan
-    ) -> tuple[torch.Tensor, list[int]]:
+    def _decode_once(self, runner: ModelRunner, rows: list[Row]) -> HostStep:
         count = len(rows)
         logits = runner.decode(count, max(row.position for row in rows))
-        chosen = sample(logits, [row.sampling for row in rows], plan)
-        runner.rows.advance(count, chosen)
-        return chosen, chosen.tolist()  # the step's one wait for the device
+        assert self._sampler is not None
+        # Grammar masks are filled on the host while the device computes the logits.
+        step = self._sampler.sample(logits)
+        runner.rows.advance(count, step.ids)
+        return step.to_host()  # the step's one wait for the device
 
     # ------------------------------------------------------------------ tokens
 
-    def _accept(self, bundle: ModelBundle, row: Row, token: int, chosen: torch.Tensor) -> None:
-        """``chosen``: the same id as a one-element tensor on the device."""
+    def _accept_step(self, bundle: ModelBundle, rows: Sequence[Row], host: HostStep) -> None:
+        for row, token, logprob in zip(rows, host.tokens, host.logprobs, strict=True):
+            self._accept(bundle, row, token, logprob)
+
+    def _accept(
+        self, bundle: ModelBundle, row: Row, token: int, logprob: TokenLogprob | None
+    ) -> None:
         row.generated.append(token)
         self._counters["completion_tokens"] += 1
         if token in bundle.stop_token_ids:
             self._finish(row, "stop")
             return
+        if logprob is not None:  # handed over with the text it belongs to
+            self._pending_logprobs(row).append(logprob)
         self._emit_text(row, row.pacer.push(row.text.push(token), time.monotonic()))
         if row.text.stopped:
             self._finish(row, "stop")
         elif len(row.generated) >= row.handle.request.sampling.max_tokens:
             self._finish(row, "length")
-        elif row.sampling.seen is not None:
-            # The penalty covers the answer so far; the id stays on the device.
-            row.sampling.seen = torch.cat([row.sampling.seen, chosen])
+
+    @staticmethod
+    def _pending_logprobs(row: Row) -> list[TokenLogprob]:
+        assert row.sampling is not None
+        return row.sampling.pending_logprobs
+
+    def _take_logprobs(self, row: Row) -> tuple[TokenLogprob, ...]:
+        pending = self._pending_logprobs(row)
+        taken = tuple(pending)
+        pending.clear()
+        return taken
 
     def _emit_text(self, row: Row, text: str) -> None:
         if text:
-            self._emit(row.handle, TextDelta(text))
+            self._emit(row.handle, TextDelta(text, self._take_logprobs(row)))
 
     def _finish(self, row: Row, reason: FinishReason) -> None:
         tail = row.pacer.drain() + row.text.finish()
-        if tail:
-            self._emit(row.handle, TextDelta(tail))
+        logprobs = self._take_logprobs(row)
+        if tail or logprobs:
+            self._emit(row.handle, TextDelta(tail, logprobs))
         row.finished = True
         self._counters["finished"] += 1
         self._emit(
@@ -663,12 +756,19 @@ class BatchingEngine:
             self._blocks.release(row.blocks)
         row.blocks = []
 
-    def _reload(self, index: int, row: Row) -> None:
-        """Device row ``index`` from the host's view of ``row`` (after a fault)."""
-        assert self._runner is not None and self._bundle is not None
-        token = torch.tensor([row.generated[-1] if row.generated else 0],
-                             device=self._bundle.device)
-        self._runner.rows.load(index, token, row.position, row.variant, row.blocks)
+    def _reload_decoding(self) -> None:
+        """Device rows and sampler rows 0..n-1 from the host's view of the decoding rows
+        (after a fault took some rows out)."""
+        runner, bundle, sampler = self._runner, self._bundle, self._sampler
+        assert runner is not None and bundle is not None and sampler is not None
+        rows = self._decoding
+        for index, row in enumerate(rows):
+            token = torch.tensor([row.generated[-1] if row.generated else 0], device=bundle.device)
+            runner.rows.load(index, token, row.position, row.variant, row.blocks)
+        runner.rows.clear_from(len(rows))
+        sampler.clear_from(0)
+        if rows:
+            self._add_to_sampler(bundle, 0, rows)
 
     def _retire(self) -> None:
         """Drop finished, cancelled and timed-out rows and free their blocks; the last
@@ -679,6 +779,13 @@ class BatchingEngine:
                 if row.finished or self._gone(row.handle, now):
                     row.finished = True
                     self._release(row)
+                    for follower in row.followers:
+                        # the other choices of a prompt whose prefill stopped
+                        if not self._gone(follower.handle, now):
+                            self._fail(follower.handle, EngineError(
+                                "the request's first choice was cancelled"))
+                        follower.finished = True
+                        self._release(follower)
         self._prefilling = [r for r in self._prefilling if not r.finished]
         self._preempted = collections.deque(r for r in self._preempted if not r.finished)
         rows = self._decoding
@@ -687,8 +794,8 @@ class BatchingEngine:
         leaving = {id(r) for r in rows if r.finished or self._gone(r.handle, now)}
         if not leaving:
             return
-        runner = self._runner
-        assert runner is not None
+        runner, sampler = self._runner, self._sampler
+        assert runner is not None and sampler is not None
         live = list(rows)
         for row in live:
             if id(row) in leaving:
@@ -703,8 +810,9 @@ class BatchingEngine:
             if index >= len(live):
                 break
             runner.rows.move(len(live) - 1, index)
+            sampler.move(len(live) - 1, index)
             live[index] = live.pop()
             index += 1
         runner.rows.clear_from(len(live))
+        sampler.clear_from(len(live))
         self._decoding = live
-        self._plan = None

@@ -17,7 +17,7 @@ from typing import Literal
 import msgspec
 
 from oai_audio_server.audio.types import PreparedAudio
-from oai_audio_server.chat.messages import AudioBudget, to_conversation
+from oai_audio_server.chat.messages import AudioBudget, AudioPart, to_conversation
 from oai_audio_server.chat.service import sampling_params, text_interval
 from oai_audio_server.engine.types import (
     Failed,
@@ -181,7 +181,7 @@ class Responder:
     ) -> GenerationRequest:
         messages, audio = await self._messages(instructions)
 
-        async def load(part: InputAudioPart | AudioURLPart) -> PreparedAudio:
+        async def load(part: AudioPart) -> PreparedAudio:
             assert isinstance(part, InputAudioPart)
             return audio[part.input_audio.data]
 
