@@ -739,13 +739,16 @@ def test_grammar_logprob_penalty_and_bias_rows_batched_equal_solo(
     assert batched_results[0][1] == []  # a row that did not ask gets none
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["lockstep", "overlapped"])
 def test_preempted_rows_keep_their_sampler_state(
-    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio, overlap: bool
 ) -> None:
     """On a cache too small for the batch, grammar, penalty, logit_bias and seeded rows
     are preempted and recomputed: each answer (and its log probabilities) equals the
     answer alone, since a resumed row keeps its seed, its grammar matcher and its token
-    counts."""
+    counts. Overlapped: each step is queued before the previous one is read (the GPU's
+    mode; lockstep while a grammar row runs), and the tokens queued for rows that
+    finished or were preempted are dropped."""
     plain, json_row, json_sampled, json_object, penalised, biased = feature_requests(
         builder, audio)
     # The latest rows are preempted first: the sampled ones go last.
@@ -762,12 +765,35 @@ def test_preempted_rows_keep_their_sampler_state(
 
     with engine_for(bundle, max_batch_size=1) as engine:
         solo_results = run(alone(engine))
-    with engine_for(bundle, max_batch_size=7, cache=CacheOptions(num_blocks=20)) as engine:
+    small = CacheOptions(num_blocks=20)
+    with engine_for(bundle, max_batch_size=7, cache=small, overlap_steps=overlap) as engine:
         batched_results = run(together(engine))
         stats = engine.stats()
     assert stats["preemptions"] >= 1 and stats["failed"] == 0
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 20
     assert_same_with_logprobs(batched_results, solo_results)
+    tokens = sum(len(o.finished.token_ids) for o, _ in solo_results)
+    assert stats["completion_tokens"] == tokens
+
+
+def test_overlapped_steps_answer_as_lockstep_and_drop_the_extra_tokens(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    """Greedy rows of different lengths, overlapped: the answers of lockstep, and a row
+    that stops has its one queued token dropped (never sent, never counted)."""
+    requests = varied_requests(builder, audio)
+    alone = solo(bundle, requests)
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=8, overlap_steps=True) as engine:
+        outcomes = run(together(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["completion_tokens"] == sum(len(o.finished.token_ids) for o in alone)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
 def choices_of(first: GenerationRequest, count: int) -> list[GenerationRequest]:

@@ -45,7 +45,7 @@ from oai_audio_server.engine.handles import (
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
-from oai_audio_server.engine.sampling import BatchSampler, HostStep, RowSpec
+from oai_audio_server.engine.sampling import BatchSampler, HostStep, RowSpec, SampledStep
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -115,10 +115,13 @@ class BatchingEngine:
         cache: CacheOptions | None = None,
         on_admit: Callable[[list[RequestHandle]], None] | None = None,
         on_step: Callable[[], None] | None = None,
+        overlap_steps: bool | None = None,
     ) -> None:
         """``max_batch_size`` 0 = auto (see cache_plan.py). ``on_admit`` sees the
         requests leaving the queue; ``on_step`` runs after every worker step (both on the
-        worker thread; for an engine in another process)."""
+        worker thread; for an engine in another process). ``overlap_steps``: queue each
+        decode step before reading the previous one (None: on a GPU, where the host's work
+        then hides behind the device's; on a CPU it would only delay every token)."""
         self._load = load
         self._max_batch_size = max_batch_size
         self._max_queue = max_queue
@@ -144,6 +147,9 @@ class BatchingEngine:
         self._prefilling: list[Row] = []
         self._preempted: collections.deque[Row] = collections.deque()
         self._last_step_start: float | None = None
+        # A decode step queued but not read yet (overlapped stepping), with its rows.
+        self._in_flight: tuple[list[Row], SampledStep] | None = None
+        self._overlap = overlap_steps
 
     # ------------------------------------------------------------------ public
 
@@ -249,6 +255,8 @@ class BatchingEngine:
             return
         self._bundle = bundle
         self._runner = runner
+        if self._overlap is None:
+            self._overlap = bundle.device.type == "cuda"
         freeze_long_lived_objects()  # a full collection would stall decode steps too
         logger.info(
             "model ready: up to %d sequences at once, %d KV blocks of %d positions "
@@ -363,6 +371,7 @@ class BatchingEngine:
             self._release(row)
         self._decoding = [r for r in self._decoding if id(r) not in failing]
         self._prefilling = [r for r in self._prefilling if id(r) not in failing]
+        self._in_flight = None  # the survivors go on from the tokens they have read
         if self._runner is not None:
             self._reload_decoding()
         if bundle.device.type == "cuda":
@@ -663,6 +672,8 @@ class BatchingEngine:
             assert self._sampler is not None
             self._sampler.clear_from(len(self._decoding))
             row.resumed = True
+            # not counting a queued step's token, which is dropped and drawn again
+            row.position = self._cached_length(row)
         self._release(row)
         row.pending = None
         row.prefilled = 0
@@ -670,30 +681,67 @@ class BatchingEngine:
         self._counters["preemptions"] += 1
 
     def _decode_pass(self, bundle: ModelBundle, runner: ModelRunner) -> None:
+        """One decode step of every decoding row. Overlapped (on a GPU): the step is
+        queued before the previous step's ids are read, so the device computes step k+1
+        while the host detokenizes step k; a row that finished at step k has its step k+1
+        token dropped. Rows with a grammar need step k's token in their matcher before
+        step k+1's mask exists, so a batch holding one steps in lockstep."""
+        in_flight, self._in_flight = self._in_flight, None
         self._ensure_blocks(runner)
-        rows = self._decoding
-        if not rows:
-            return
+        rows = list(self._decoding)
+        overlap = bool(self._overlap) and not any(
+            row.handle.request.sampling.grammar is not None for row in rows
+        )
+        if in_flight is not None and not overlap:
+            self._read_step(bundle, *in_flight)
+            in_flight = None
+            rows = [row for row in rows if not row.finished]
+            if len(rows) != len(self._decoding):
+                self._retire()  # the batch must be rows 0..n-1 again before a step
+                rows = list(self._decoding)
+        launched = self._launch_step(bundle, runner, rows) if rows else None
+        if in_flight is not None:
+            self._read_step(bundle, *in_flight)
+        if launched is not None:
+            if overlap:
+                self._in_flight = (rows, launched)
+            else:
+                self._read_step(bundle, rows, launched)
+
+    def _launch_step(
+        self, bundle: ModelBundle, runner: ModelRunner, rows: list[Row]
+    ) -> SampledStep | None:
         started = time.perf_counter()
         if self._last_step_start is not None:
             self._counters["decode_time_us"] += int((started - self._last_step_start) * 1e6)
         self._last_step_start = started
-        host = self._guarded(bundle, list(rows), self._decode_once, runner, rows)
-        if host is None:
-            return
+        step = self._guarded(bundle, rows, self._decode_once, runner, rows)
+        if step is None:
+            return None
         self._counters["decode_steps"] += 1
         for row in rows:
             row.position += 1
-        self._accept_step(bundle, rows, host)
+        return step
 
-    def _decode_once(self, runner: ModelRunner, rows: list[Row]) -> HostStep:
+    def _decode_once(self, runner: ModelRunner, rows: list[Row]) -> SampledStep:
         count = len(rows)
         logits = runner.decode(count, max(row.position for row in rows))
         assert self._sampler is not None
         # Grammar masks are filled on the host while the device computes the logits.
         step = self._sampler.sample(logits)
         runner.rows.advance(count, step.ids)
-        return step.to_host()  # the step's one wait for the device
+        return step
+
+    def _read_step(self, bundle: ModelBundle, rows: list[Row], step: SampledStep) -> None:
+        """The step's one wait for the device, then its tokens for the rows it ran for
+        (rows that finished, failed or were preempted since it was queued drop theirs)."""
+        host = self._guarded(bundle, rows, step.to_host)
+        if host is None:
+            return
+        decoding = {id(row) for row in self._decoding}
+        for row, token, logprob in zip(rows, host.tokens, host.logprobs, strict=True):
+            if not row.finished and id(row) in decoding:
+                self._accept(bundle, row, token, logprob)
 
     # ------------------------------------------------------------------ tokens
 
@@ -763,12 +811,19 @@ class BatchingEngine:
         assert runner is not None and bundle is not None and sampler is not None
         rows = self._decoding
         for index, row in enumerate(rows):
-            token = torch.tensor([row.generated[-1] if row.generated else 0], device=bundle.device)
+            row.position = self._cached_length(row)
+            token = torch.tensor([row.generated[-1]], device=bundle.device)
             runner.rows.load(index, token, row.position, row.variant, row.blocks)
         runner.rows.clear_from(len(rows))
         sampler.clear_from(0)
         if rows:
             self._add_to_sampler(bundle, 0, rows)
+
+    @staticmethod
+    def _cached_length(row: Row) -> int:
+        """Positions a decoding row has in the cache as of the tokens read so far (its
+        prompt and its answer but the last token, which is its next input)."""
+        return len(row.handle.request.prompt_ids) + len(row.generated) - 1
 
     def _retire(self) -> None:
         """Drop finished, cancelled and timed-out rows and free their blocks; the last

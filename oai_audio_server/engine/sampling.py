@@ -161,6 +161,12 @@ class SampledStep:
         self._sampler = sampler
         self._start = start
         self._packed = packed
+        # Who asked for log probabilities, as of this step: the rows may move before the
+        # step is read (an overlapped step is read after the batch was compacted).
+        self._params = (
+            [sampler.params_at(start + offset) for offset in range(ids.shape[0])]
+            if packed is not None else []
+        )
         self._top = top
         self._grammar_rows = grammar_rows
 
@@ -177,7 +183,7 @@ class SampledStep:
             logprobs = []
             top = self._top
             for offset, row in enumerate(values):
-                params = sampler.params_at(self._start + offset)
+                params = self._params[offset]
                 if params is None or not params.logprobs:
                     logprobs.append(None)
                     continue
