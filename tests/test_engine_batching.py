@@ -841,3 +841,36 @@ def test_the_choices_of_one_prompt_share_one_prefill(
     assert stats["prompt_tokens"] == len(first.prompt_ids)  # one prefill for three
     assert stats["prefills"] == 1
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_a_row_preempted_while_prefilling_starts_again_with_its_blocks(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """A long prompt prefilled 4 tokens a pass on a 16-block cache while a long row
+    decodes: when the decoding row needs a block and none is free, the prefilling row is
+    preempted (it holds the latest blocks); it starts again later with blocks for its
+    whole prompt and answers as it does alone."""
+    running = request(builder, "running", TextItem(" ".join(f"a{i % 31}" for i in range(34))),
+                      max_tokens=100)
+    late = request(builder, "late", TextItem(" ".join(f"b{i % 37}" for i in range(30))),
+                   max_tokens=20)
+    assert blocks_needed_for(running) + blocks_needed_for(late) >= 14, "prompts too short"
+    alone = solo(bundle, [running, late])
+
+    async def both(engine: BatchingEngine) -> list[Outcome]:
+        first = engine.submit(running)
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 1, "running")
+        second = engine.submit(late)
+        return list(await asyncio.gather(collect(first), collect(second)))
+
+    options = CacheOptions(num_blocks=16, max_prefill_tokens=4)
+    with engine_for(bundle, max_batch_size=2, cache=options) as engine:
+        outcomes = run(both(engine))
+        stats = engine.stats()
+    assert stats["preemptions"] >= 1 and stats["failed"] == 0
+    assert_same(outcomes, alone)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 16
+
+
+def blocks_needed_for(generation: GenerationRequest) -> int:
+    return -(-len(generation.prompt_ids) // 16)
