@@ -375,3 +375,27 @@ def test_oversized_frame_closes_only_that_session(small: ServerProcess) -> None:
     finally:
         for conn in opened:
             conn.close()
+
+
+def test_item_events_from_the_sdk(server: ServerProcess) -> None:
+    """The openai SDK's own realtime client sends these events as the server reads them."""
+    sdk = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
+    with sdk.realtime.connect(model="qwen-audio-chat") as conn:
+        assert checked(conn.recv_bytes())["type"] == "session.created"
+        conn.session.update(session={"type": "realtime",
+                                     "audio": {"input": {"turn_detection": None}}})
+        conn.conversation.item.create(item={"type": "message", "role": "user", "id": "item_q",
+                                            "content": [{"type": "input_text", "text": "Hi"}]})
+        conn.conversation.item.retrieve(item_id="item_q")
+        conn.conversation.item.truncate(item_id="item_q", content_index=0, audio_end_ms=0)
+        conn.response.create(response={"conversation": "none", "metadata": {"k": "v"},
+                                       "max_output_tokens": 4})
+        seen: dict[str, dict[str, Any]] = {}
+        while "response.done" not in seen:
+            event = checked(conn.recv_bytes())
+            seen.setdefault(event["type"], event)
+        assert seen["conversation.item.retrieved"]["item"]["id"] == "item_q"
+        assert seen["error"]["error"]["code"] == "unsupported_content_type"
+        assert seen["response.done"]["response"]["metadata"] == {"k": "v"}
+        conn.conversation.item.delete(item_id="item_q")
+        assert checked(conn.recv_bytes())["type"] == "conversation.item.deleted"
