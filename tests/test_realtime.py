@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
 import time
 import typing
@@ -157,6 +158,36 @@ def test_manual_commit_transcript_equals_http(server: ServerProcess, sdk: openai
     assert completed["transcript"] == "".join(deltas)
     assert completed["usage"]["output_tokens"] > 0
     assert completed["transcript"] == http_transcript(server, samples)
+
+
+def test_transcription_logprobs_when_included(server: ServerProcess) -> None:
+    """include: item.input_audio_transcription.logprobs: each delta carries the log
+    probabilities of its tokens and the completed event all of them, the same tokens and
+    values as /v1/audio/transcriptions' include[]=logprobs on the same audio."""
+    samples = pcm24(1.5, 300.0, seed=1)
+    with connect(ws_url(server, "intent=transcription")) as ws:
+        receive_until(ws, "session.created")
+        send(ws, {"type": "session.update", "session": {
+            "type": "transcription", "include": ["item.input_audio_transcription.logprobs"],
+            "audio": {"input": {"turn_detection": None}}}})
+        updated = receive_until(ws, "session.updated")[-1]
+        assert updated["session"]["include"] == ["item.input_audio_transcription.logprobs"]
+        for chunk in chunks_b64(samples):
+            send(ws, {"type": "input_audio_buffer.append", "audio": chunk})
+        send(ws, {"type": "input_audio_buffer.commit"})
+        events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    streamed = [entry for event in events
+                if event["type"] == "conversation.item.input_audio_transcription.delta"
+                for entry in event["logprobs"]]
+    completed = events[-1]["logprobs"]
+    assert completed and streamed == completed
+    data = wav_bytes(samples.astype(np.float32) / 32767, RATE)
+    client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
+    http = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data),
+                                              include=["logprobs"]).logprobs or []
+    assert [e["token"] for e in completed] == [e.token for e in http]
+    assert all(math.isclose(e["logprob"], h.logprob, abs_tol=1e-4)
+               for e, h in zip(completed, http, strict=True))
 
 
 def test_server_vad_transcript_equals_http(server: ServerProcess) -> None:
@@ -422,7 +453,7 @@ def test_bad_events_get_errors_and_the_session_goes_on(server: ServerProcess) ->
             ({"type": "response.create"}, "invalid_value"),
             ({"type": "session.update", "session": {"type": "realtime"}}, "invalid_value"),
             ({"type": "session.update", "session": {
-                "type": "transcription", "include": ["item.input_audio_transcription.logprobs"]}},
+                "type": "transcription", "include": ["item.output_text.logprobs"]}},
              "unsupported_value"),
         ]
         for event, code in bad:

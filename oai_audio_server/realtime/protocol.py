@@ -16,6 +16,8 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
+from oai_audio_server.transcription.protocol import TranscriptLogprob
+
 # ---------------------------------------------------------------- session
 
 
@@ -322,6 +324,7 @@ class TranscriptionDelta(
     item_id: str
     content_index: int
     delta: str
+    logprobs: list[TranscriptLogprob] | None = None
 
 
 class TranscriptionUsage(Struct, frozen=True):
@@ -338,6 +341,7 @@ class TranscriptionCompleted(
     content_index: int
     transcript: str
     usage: TranscriptionUsage
+    logprobs: list[TranscriptLogprob] | None = None
 
 
 class TranscriptionFailed(

@@ -15,6 +15,7 @@ same audio intake as chat completions' audio.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -45,12 +46,15 @@ from oai_audio_server.realtime.vad import (
 )
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings
+from oai_audio_server.transcription.confidence import token_logprobs
 from oai_audio_server.transcription.protocol import TranscriptionOptions
 from oai_audio_server.transcription.service import TokenTally, TranscriptionService
 
 Kind = Literal["realtime", "transcription"]
 Emit = Callable[[wire.ServerEvent], Awaitable[None]]
 MIN_COMMIT_MS = 100  # OpenAI refuses shorter commits with the same code
+logger = logging.getLogger(__name__)
+
 LOGPROBS = "item.input_audio_transcription.logprobs"
 TRANSCRIPTIONS_IN_FLIGHT = 4
 
@@ -74,6 +78,7 @@ class RealtimeSession:
         self._model = model
         self._instructions: str | None = None
         self._max_output_tokens: int | None = None
+        self._include: tuple[str, ...] = ()  # LOGPROBS, when the client asked
         self._format = input_format("audio/pcm", None)
         self._transcription: wire.TranscriptionConfig | None = (
             wire.TranscriptionConfig(model=model) if kind == "transcription" else None
@@ -105,14 +110,16 @@ class RealtimeSession:
                 turn_detection=self._turn_detection,
             )
         )
+        include = self._include or None
         if self.kind == "transcription":
-            return wire.TranscriptionSession(id=self.id, audio=audio)
+            return wire.TranscriptionSession(id=self.id, audio=audio, include=include)
         return wire.RealtimeSession(
             id=self.id,
             model=self._model,
             instructions=self._instructions,
             max_output_tokens=self._max_output_tokens or "inf",
             audio=audio,
+            include=include,
         )
 
     def _max_tokens(self, value: int | str | None, param: str) -> int | None:
@@ -148,13 +155,16 @@ class RealtimeSession:
                 "session.output_modalities",
                 "unsupported_value",
             )
-        if patch.include not in (UNSET, None) and patch.include:
-            raise invalid(
-                "log probabilities are not returned by this server; leave "
-                f"{LOGPROBS!r} out of include",
-                "session.include",
-                "unsupported_value",
-            )
+        include = self._include
+        if patch.include is not UNSET:
+            unknown = [value for value in patch.include or () if value != LOGPROBS]
+            if unknown:
+                raise invalid(
+                    f"include takes only {LOGPROBS!r}, not {unknown[0]!r}",
+                    "session.include",
+                    "unsupported_value",
+                )
+            include = (LOGPROBS,) if patch.include else ()
         max_tokens = self._max_output_tokens
         if patch.max_output_tokens is not UNSET:
             max_tokens = self._max_tokens(patch.max_output_tokens, "session.max_output_tokens")
@@ -184,6 +194,7 @@ class RealtimeSession:
         if patch.instructions is not UNSET:
             self._instructions = patch.instructions
         self._max_output_tokens = max_tokens
+        self._include = include
         restart_vad = fmt != self._format or detection != self._turn_detection
         self._format, self._transcription, self._turn_detection = fmt, transcription, detection
         if restart_vad:
@@ -491,6 +502,7 @@ class RealtimeSession:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
 
     async def _transcribe(self, item: Item, previous: str | None, data: bytes) -> None:
         """The committed turn through /v1/audio/transcriptions' own service."""
@@ -505,16 +517,21 @@ class RealtimeSession:
                 language=config.language,
                 prompt=config.prompt,
                 stream=True,
+                include=["logprobs"] if self._include else None,
             )
             prepared = await self._transcriber.prepare_bytes(options, data, "wav", param="audio")
             handles = self._transcriber.submit(prepared)
             tally = TokenTally()
+            logprobs = bool(self._include)
+            token_bytes = self._runtime.bundle.token_bytes
             async for piece in self._transcriber.pieces(prepared, handles, tally):
                 if piece:
                     text += piece
-                    await self._emit(
-                        wire.TranscriptionDelta(item_id=item.id, content_index=0, delta=piece)
-                    )
+                    await self._emit(wire.TranscriptionDelta(
+                        item_id=item.id, content_index=0, delta=piece,
+                        logprobs=(token_logprobs(tally.take_unsent(), token_bytes)
+                                  if logprobs else None),
+                    ))
             usage = self._transcriber.usage(prepared, tally)
             item.parts[0] = msgspec.structs.replace(item.parts[0], transcript=text)
             await self._emit(
@@ -522,6 +539,7 @@ class RealtimeSession:
                     item_id=item.id,
                     content_index=0,
                     transcript=text,
+                    logprobs=token_logprobs(tally.logprobs, token_bytes) if logprobs else None,
                     usage=wire.TranscriptionUsage(
                         input_tokens=usage.input_tokens,
                         output_tokens=usage.output_tokens,
@@ -689,3 +707,9 @@ class RealtimeSession:
         for item in self._items:
             for decode in item.audio.values():
                 decode.cancel()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A session task's unexpected fault goes to the log (API errors became events)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("realtime session task failed", exc_info=exc)
