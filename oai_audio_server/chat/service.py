@@ -205,7 +205,8 @@ class ChatService:
             completion_tokens=finished.completion_tokens,
             total_tokens=finished.prompt_tokens + finished.completion_tokens,
             prompt_tokens_details=PromptTokensDetails(
-                audio_tokens=prepared.prompt.audio_token_count
+                audio_tokens=prepared.prompt.audio_token_count,
+                cached_tokens=finished.cached_tokens,
             ),
         )
 

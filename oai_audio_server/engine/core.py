@@ -38,6 +38,7 @@ from oai_audio_server.engine.detokenizer import IncrementalText
 from oai_audio_server.engine.handles import EventSink, LoopSink, Outbox, RequestHandle
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
+from oai_audio_server.engine.prefix import PrefixCache, model_fingerprint
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
 from oai_audio_server.engine.sampling import RowSampling, SamplingPlan, make_generator, sample
 from oai_audio_server.engine.types import (
@@ -58,7 +59,7 @@ from oai_audio_server.errors import (
 )
 from oai_audio_server.heap import freeze_long_lived_objects
 from oai_audio_server.models.block_manager import BlockManager
-from oai_audio_server.models.kv_cache import PagedKVCache, blocks_needed
+from oai_audio_server.models.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ COUNTERS = (
     "peak_batch_size",
     "preemptions",
 )
+
+# Prefix caching (engine/prefix.py): blocks holding a cached prefix, and the prompt
+# tokens of new requests taken from the cache (hits) or computed (misses).
+PREFIX_STATS = ("kv_blocks_cached", "prefix_cache_hit_tokens", "prefix_cache_miss_tokens")
 
 T = TypeVar("T")
 
@@ -124,6 +129,7 @@ class BatchingEngine:
         self._bundle: ModelBundle | None = None
         self._runner: ModelRunner | None = None
         self._blocks: BlockManager | None = None
+        self._prefix: PrefixCache | None = None
         self._load_error: BaseException | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -215,7 +221,18 @@ class BatchingEngine:
             "batch_size": self._batch_size,
             "kv_blocks_total": float(blocks.num_blocks if blocks else 0),
             "kv_blocks_free": float(blocks.free_blocks if blocks else 0),
+            **self._prefix_stats(),
             **{name: float(value) for name, value in self._counters.items()},
+        }
+
+    def _prefix_stats(self) -> dict[str, float]:
+        prefix = self._prefix
+        if prefix is None:
+            return dict.fromkeys(PREFIX_STATS, 0.0)
+        return {
+            "kv_blocks_cached": float(prefix.blocks.cached_blocks),
+            "prefix_cache_hit_tokens": float(prefix.hit_tokens),
+            "prefix_cache_miss_tokens": float(prefix.miss_tokens),
         }
 
     # ------------------------------------------------------------------ worker
@@ -294,6 +311,12 @@ class BatchingEngine:
         # Block 0 is never handed out: padding rows of a captured graph write there.
         cache = PagedKVCache(model.kv_layout, plan.num_blocks + 1, plan.block_size, bundle.device)
         self._blocks = BlockManager(plan.num_blocks + 1, plan.block_size, reserved=1)
+        self._prefix = PrefixCache(
+            self._blocks, model,
+            model_fingerprint(bundle.family, str(bundle.model_dir), bundle.dtype,
+                              plan.block_size),
+            enabled=options.prefix_caching,
+        )
         logger.info(
             "KV cache: %d blocks of %d positions, %.1f MiB", plan.num_blocks, plan.block_size,
             cache.nbytes / (1024 * 1024),
@@ -344,7 +367,7 @@ class BatchingEngine:
             if not row.finished:
                 row.finished = True
                 self._fail(row.handle, error)
-            self._release(row)
+            self._release(row, failed=True)
         self._decoding = [r for r in self._decoding if id(r) not in failing]
         self._prefilling = [r for r in self._prefilling if id(r) not in failing]
         self._plan = None
@@ -405,17 +428,18 @@ class BatchingEngine:
     def _admit(self, bundle: ModelBundle, runner: ModelRunner) -> None:
         """Start preempted rows again, then the waiting requests that fit (see
         admission.py). Caller holds the lock."""
-        blocks = self._blocks
-        assert blocks is not None
+        blocks, prefix = self._blocks, self._prefix
+        assert blocks is not None and prefix is not None and bundle.model is not None
         self._sweep_waiting()
         running = len(self._decoding) + len(self._prefilling)
         while self._preempted and running < runner.capacity:
             row = self._preempted[0]
-            needed = blocks_needed(row.position, blocks.block_size)
-            if needed > blocks.free_blocks:
+            assert row.prefix is not None
+            tokens, length = self._tokens(row), self._length(row)
+            if prefix.cost(row.prefix, tokens, length) > blocks.free_blocks:
                 return  # nothing new passes a preempted row
             self._preempted.popleft()
-            row.blocks = blocks.allocate(needed)
+            row.blocks, row.cached = prefix.start(row.prefix, tokens, length)
             self._prefilling.append(row)
             running += 1
         if self._preempted or not self._waiting or running >= runner.capacity:
@@ -424,14 +448,19 @@ class BatchingEngine:
         for handle in [h for h in self._waiting if self._too_long(h, max_len)]:
             self._waiting.remove(handle)
         steps = self._counters["decode_steps"]
-        queued = list(self._waiting)
+        # No more than the free rows can start (the rest plan the same without them).
+        queued = list(self._waiting)[: runner.capacity - running]
+        model = bundle.model
+        states = [
+            prefix.state(h, model.rotary_variant(len(h.request.prompt_ids))) for h in queued
+        ]
         chosen = plan_admission(
             [
                 Waiting(
-                    blocks_needed(len(h.request.prompt_ids), blocks.block_size),
+                    prefix.cost(state, h.request.prompt_ids, len(h.request.prompt_ids)),
                     steps - h.queued_at_step,
                 )
-                for h in queued
+                for h, state in zip(queued, states, strict=True)
             ],
             running=running,
             capacity=runner.capacity,
@@ -440,13 +469,14 @@ class BatchingEngine:
         )
         admitted = [queued[i] for i in chosen]
         now = time.monotonic()
-        for handle in admitted:
+        for index in chosen:
+            handle = queued[index]
             self._waiting.remove(handle)
             handle.admitted_at = now
             row = self._new_row(bundle, handle)
-            row.blocks = blocks.allocate(
-                blocks_needed(len(handle.request.prompt_ids), blocks.block_size)
-            )
+            row.prefix = states[index]
+            prompt = handle.request.prompt_ids
+            row.blocks, row.cached = prefix.start(row.prefix, prompt, len(prompt))
             self._prefilling.append(row)
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
@@ -468,6 +498,17 @@ class BatchingEngine:
             variant=bundle.model.rotary_variant(len(request.prompt_ids)),
         )
 
+    @staticmethod
+    def _tokens(row: Row) -> list[int]:
+        """The row's ids from position 0 (prompt, then answer so far)."""
+        return [*row.handle.request.prompt_ids, *row.generated]
+
+    @staticmethod
+    def _length(row: Row) -> int:
+        """Positions the row's prefill fills: its prompt, or for a row coming back after
+        preemption its prompt and answer but the last token (its next input)."""
+        return row.position if row.resumed else len(row.handle.request.prompt_ids)
+
     # ------------------------------------------------------------------ prefill
 
     def _embed(self, bundle: ModelBundle, rows: list[Row]) -> None:
@@ -480,7 +521,9 @@ class BatchingEngine:
             else r.handle.request.prompt_ids
             for r in rows
         ]
-        embeds = bundle.model.embed_prompts(prompts, [r.handle.request.audio for r in rows])
+        embeds = bundle.model.embed_prompts(
+            prompts, [r.handle.request.audio for r in rows], [r.cached for r in rows]
+        )
         for row, pending in zip(rows, embeds, strict=True):
             row.pending = pending
             row.prefilled = 0
@@ -501,7 +544,7 @@ class BatchingEngine:
             take = min(row.prefill_total - row.prefilled, budget)
             start = row.prefilled
             work.append(PrefillWork(
-                row.pending[start : start + take], start, row.variant, row.blocks,
+                row.pending[start : start + take], row.cached + start, row.variant, row.blocks,
                 wants_logits=start + take == row.prefill_total and not row.resumed,
             ))
             chunked.append(row)
@@ -511,8 +554,13 @@ class BatchingEngine:
             return
         self._counters["prefills"] += 1
         done: list[Row] = []
+        prefix = self._prefix
+        assert prefix is not None
         for row, item in zip(chunked, work, strict=True):
             row.prefilled += int(item.embeds.shape[0])
+            if row.prefix is not None:
+                prefix.filled(row.prefix, row.blocks, self._tokens(row),
+                              row.cached + row.prefilled)
             if row.prefilled == row.prefill_total:
                 done.append(row)
         if not done:
@@ -526,7 +574,7 @@ class BatchingEngine:
             chosen = sample(logits, samplers, SamplingPlan(samplers, bundle.device))
         pick_of = {id(row): index for index, row in enumerate(sampled)}
         for row in done:
-            prefilled = row.prefill_total
+            prefilled = row.cached + row.prefill_total
             row.pending = None
             if row.resumed:
                 token = torch.tensor([row.generated[-1]], device=bundle.device)
@@ -572,6 +620,7 @@ class BatchingEngine:
     def _preempt(self, runner: ModelRunner) -> None:
         """Free the blocks of the most recently started row; it starts again (prompt and
         answer so far prefilled anew) when blocks are free."""
+        computed = 0  # a prefilling row's filled blocks are registered already
         if self._prefilling:
             row = self._prefilling.pop()
         else:
@@ -579,7 +628,9 @@ class BatchingEngine:
             runner.rows.clear_from(len(self._decoding))
             row.resumed = True
             self._plan = None
-        self._release(row)
+            computed = row.position
+        # Its blocks stay cached: it finds them again when it comes back (unless evicted).
+        self._release(row, computed=computed)
         row.pending = None
         row.prefilled = 0
         self._preempted.appendleft(row)
@@ -653,14 +704,19 @@ class BatchingEngine:
                 prompt_tokens=len(row.handle.request.prompt_ids),
                 completion_tokens=len(row.generated),
                 token_ids=list(row.generated),
+                cached_tokens=max(0, row.prefix.cached_tokens) if row.prefix else 0,
             ),
         )
 
     # ------------------------------------------------------------------ leaving
 
-    def _release(self, row: Row) -> None:
-        if row.blocks and self._blocks is not None:
-            self._blocks.release(row.blocks)
+    def _release(self, row: Row, *, computed: int = 0, failed: bool = False) -> None:
+        """Let go of the row's blocks. Those of its first ``computed`` positions (a
+        decoding row's whole sequence so far) stay cached for later requests, as do its
+        prompt blocks registered while prefilling; after a failure none do."""
+        if row.blocks and self._prefix is not None:
+            self._prefix.release(row.prefix, row.blocks, self._tokens(row), computed,
+                                 failed=failed)
         row.blocks = []
 
     def _reload(self, index: int, row: Row) -> None:
@@ -692,7 +748,7 @@ class BatchingEngine:
         live = list(rows)
         for row in live:
             if id(row) in leaving:
-                self._release(row)
+                self._release(row, computed=row.position)
         index = 0
         while index < len(live):
             if id(live[index]) not in leaving:
