@@ -95,3 +95,18 @@ def test_realtime_latency_runs(tiny_checkpoint: Path) -> None:
     # Both turns transcribed, no error, and times reported.
     assert row[1:3] == ["2", "0"], output
     assert all(cell.endswith("ms") for cell in row[3:]), output
+
+
+def test_multi_turn_benchmark_runs_with_caching_on_and_off(tiny_checkpoint: Path) -> None:
+    output = run("multi_turn.py", str(tiny_checkpoint), "--conversations", "2", "--turns",
+                 "2", "--audio-seconds", "10", "--max-tokens", "4", "--torch-threads", "1")
+    turns = {(row[0], row[1]): row for row in table_rows(output, "on")
+             + table_rows(output, "off") if len(row) == 6}
+    assert set(turns) == {("on", "1"), ("on", "2"), ("off", "1"), ("off", "2")}, output
+    # Turn 2 starts from turn 1's blocks (audio included) only with caching on.
+    assert int(turns[("on", "2")][5]) > 250 + int(turns[("on", "1")][5]), output
+    assert int(turns[("off", "2")][5]) == 0, output
+    totals = [row for row in table_rows(output, "on") + table_rows(output, "off")
+              if len(row) == 5]
+    assert [(row[1], row[2]) for row in totals] == [("4", "0"), ("4", "0")], output
+    assert all(float(row[4]) > 0 for row in totals), output
