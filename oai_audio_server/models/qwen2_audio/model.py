@@ -130,6 +130,7 @@ class Qwen2AudioModel(nn.Module):
         wanted = [
             (row, segment, span)
             for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True))
+            if row_audio  # a prompt without audio is all text (its ids were never checked)
             for segment, span in zip(row_audio, self.audio_spans(prompt, row_audio),
                                      strict=True)
             if span.end > starts[row] and span.end > span.start

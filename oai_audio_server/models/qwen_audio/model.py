@@ -123,6 +123,7 @@ class QwenAudioModel(nn.Module):
         wanted = [
             (row, segment, span)
             for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True))
+            if row_audio  # a prompt without audio is all text (its ids were never checked)
             for segment, span in zip(row_audio, self.audio_spans(prompt, row_audio),
                                      strict=True)
             if span.end > starts[row]
