@@ -2,8 +2,8 @@
 
 Requests are decoded strictly (wrong types are 400s whose ``param`` names the field), but
 unknown fields are ignored: chat UIs send many OpenAI fields (``tools``, ``user``, ...) that
-a server without them must accept. Fields we read but do not act on are listed in
-``IGNORED_CHAT_FIELDS`` and documented in the README.
+a server without them must accept. Fields accepted but not acted on are
+documented in the README.
 """
 
 from __future__ import annotations
@@ -43,7 +43,21 @@ class ImageURLPart(Struct, tag="image_url", tag_field="type", frozen=True):
     image_url: dict[str, Any]
 
 
-ContentPart = TextPart | InputAudioPart | AudioURLPart | ImageURLPart
+class FileData(Struct, frozen=True):
+    file_data: str | None = None  # a data: URI; audio ones are taken as audio
+    file_id: str | None = None
+    filename: str | None = None
+
+
+class FilePart(Struct, tag="file", tag_field="type", frozen=True):
+    """OpenAI's file part (LangChain and LiteLLM send audio files this way)."""
+
+    file: FileData
+
+
+ContentPart = TextPart | InputAudioPart | AudioURLPart | ImageURLPart | FilePart
+# The part types a user message may carry, for the 400 an unknown one gets.
+CONTENT_PART_TYPES = ("text", "input_audio", "audio_url", "file")
 MessageContent = str | list[ContentPart] | None
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -64,6 +78,7 @@ class StreamOptions(Struct, frozen=True):
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 
 
 class ChatCompletionRequest(Struct, frozen=True):
@@ -81,7 +96,13 @@ class ChatCompletionRequest(Struct, frozen=True):
     # torch generators take 64-bit seeds; larger ones are a 400, not a crash.
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
-    n: Annotated[int, Meta(ge=1)] | None = None
+    n: Annotated[int, Meta(ge=1)] | None = None  # at most MAX_CHOICES (chat/options.py)
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None  # token id -> -100..100
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema
     # Accepted, and answered with plain text (see README and chat/unsupported.py): clients
     # send them with every request. Values that need a feature this model lacks are a 400.
     tools: list[dict[str, Any]] | None = None
@@ -92,12 +113,6 @@ class ChatCompletionRequest(Struct, frozen=True):
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
 
@@ -123,13 +138,32 @@ FinishReason = Literal["stop", "length"]
 class AssistantMessage(Struct, frozen=True):
     content: str
     role: Literal["assistant"] = "assistant"
+    refusal: None = None
+
+
+class TopLogprob(Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct, frozen=True):
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
 
 
 class ChatCompletionChoice(Struct, frozen=True):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(Struct, frozen=True):
@@ -151,7 +185,7 @@ class ChunkChoice(Struct, frozen=True):
     index: int
     delta: ChunkDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(Struct, frozen=True):

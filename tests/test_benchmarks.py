@@ -97,6 +97,14 @@ def test_realtime_latency_runs(tiny_checkpoint: Path) -> None:
     assert all(cell.endswith("ms") for cell in row[3:]), output
 
 
+def test_grammar_step_benchmark_runs() -> None:
+    output = run("grammar_step.py", "--rows", "4", "--grammar-rows", "2", "--steps", "6",
+                 "--rounds", "1")
+    rows = {cells[1]: cells for cells in table_rows(output, "4")}
+    assert set(rows) == {"0", "2"}, output
+    assert rows["0"][2].endswith("ms") and float(rows["2"][3]) > 0, output
+
+
 def test_multi_turn_benchmark_runs_with_caching_on_and_off(tiny_checkpoint: Path) -> None:
     output = run("multi_turn.py", str(tiny_checkpoint), "--conversations", "2", "--turns",
                  "2", "--audio-seconds", "10", "--max-tokens", "4", "--torch-threads", "1")

@@ -655,3 +655,222 @@ def test_a_stream_pauses_for_one_chunk_at_most_while_a_long_prompt_arrives(
         steps, prefills, _ = run(scenario(engine))
     assert prefills == chunks
     assert steps >= chunks  # a decode step of the running row after every chunk
+def feature_requests(
+    builder: QwenPromptBuilder, audio: PreparedAudio
+) -> list[GenerationRequest]:
+    """Rows with a JSON grammar, log probabilities, OpenAI penalties, logit_bias, seeded
+    sampling and a plain greedy row."""
+    from oai_audio_server.engine.grammar import canonical_schema
+    from oai_audio_server.engine.types import GrammarSpec
+
+    schema = GrammarSpec("json_schema", canonical_schema({
+        "type": "object", "additionalProperties": False, "required": ["ok", "n"],
+        "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}}}))
+    return [
+        request(builder, "plain", TextItem("Say something"), max_tokens=70),
+        request(builder, "json", TextItem("Hello"), max_tokens=40, grammar=schema),
+        request(builder, "json-sampled", AudioItem(audio), TextItem("What?"), max_tokens=40,
+                grammar=schema, temperature=1.0, seed=4, logprobs=True, top_logprobs=3),
+        request(builder, "object", TextItem("hi"), max_tokens=30,
+                grammar=GrammarSpec("json_object")),
+        request(builder, "penalised", TextItem("Hello"), max_tokens=50, presence_penalty=1.5,
+                frequency_penalty=0.5, repetition_penalty=1.2, logprobs=True),
+        request(builder, "biased", TextItem("Describe it"), max_tokens=45,
+                logit_bias=((220, -100.0), (11, 3.0)), temperature=0.8, seed=9, top_k=40,
+                top_p=0.9),
+    ]
+
+
+async def with_logprobs(handle: RequestHandle) -> tuple[Outcome, list[Any]]:
+    parts: list[str] = []
+    logprobs: list[Any] = []
+    async for event in handle.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+            logprobs.extend(event.logprobs)
+        else:
+            return Outcome("".join(parts), event), logprobs
+    raise AssertionError("no Finished")
+
+
+def assert_same_with_logprobs(
+    got: list[tuple[Outcome, list[Any]]], expected: list[tuple[Outcome, list[Any]]]
+) -> None:
+    assert_same([o for o, _ in got], [o for o, _ in expected])
+    for (_, mine), (_, theirs) in zip(got, expected, strict=True):
+        assert [e.token_id for e in mine] == [e.token_id for e in theirs]
+        assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(mine, theirs, strict=True))
+
+
+def test_grammar_logprob_penalty_and_bias_rows_batched_equal_solo(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    """Rows with a JSON grammar, log probabilities, OpenAI penalties and logit_bias
+    decode in the same steps as plain rows, each exactly as alone (moves included: the
+    rows finish at different steps and the last ones move into the gaps)."""
+    import json
+
+    requests = feature_requests(builder, audio)
+
+    async def alone(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
+        return [await with_logprobs(engine.submit(r)) for r in requests]
+
+    async def together(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
+        handles = engine.submit_group(requests)
+        return list(await asyncio.gather(*(with_logprobs(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        solo_results = run(alone(engine))
+    with engine_for(bundle, max_batch_size=8) as engine:
+        batched_results = run(together(engine))
+        assert engine.stats()["peak_batch_size"] == len(requests)
+    assert_same_with_logprobs(batched_results, solo_results)
+    by_name = {r.request_id: o for r, (o, _) in zip(requests, batched_results, strict=True)}
+    for name in ("json", "json-sampled"):
+        assert by_name[name].finished.reason == "stop", by_name[name]
+        value = json.loads(by_name[name].text)
+        assert isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+    if by_name["object"].finished.reason == "stop":
+        assert isinstance(json.loads(by_name["object"].text), dict)
+    assert by_name["object"].text.startswith("{")
+    assert 220 not in by_name["biased"].finished.token_ids
+    sampled_logprobs = batched_results[2][1]
+    assert sampled_logprobs and all(len(e.top) == 3 for e in sampled_logprobs)
+    assert batched_results[0][1] == []  # a row that did not ask gets none
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["lockstep", "overlapped"])
+def test_preempted_rows_keep_their_sampler_state(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio, overlap: bool
+) -> None:
+    """On a cache too small for the batch, grammar, penalty, logit_bias and seeded rows
+    are preempted and recomputed: each answer (and its log probabilities) equals the
+    answer alone, since a resumed row keeps its seed, its grammar matcher and its token
+    counts. Overlapped: each step is queued before the previous one is read (the GPU's
+    mode; lockstep while a grammar row runs), and the tokens queued for rows that
+    finished or were preempted are dropped."""
+    plain, json_row, json_sampled, json_object, penalised, biased = feature_requests(
+        builder, audio)
+    # The latest rows are preempted first: the sampled ones go last.
+    free = request(builder, "sampled", TextItem("Tell me a story"), max_tokens=80,
+                   temperature=1.0, seed=5)
+    requests = [plain, json_row, json_object, penalised, json_sampled, biased, free]
+
+    async def alone(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
+        return [await with_logprobs(engine.submit(r)) for r in requests]
+
+    async def together(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
+        handles = engine.submit_group(requests)
+        return list(await asyncio.gather(*(with_logprobs(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        solo_results = run(alone(engine))
+    small = CacheOptions(num_blocks=20)
+    with engine_for(bundle, max_batch_size=7, cache=small, overlap_steps=overlap) as engine:
+        batched_results = run(together(engine))
+        stats = engine.stats()
+    assert stats["preemptions"] >= 1 and stats["failed"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 20
+    assert_same_with_logprobs(batched_results, solo_results)
+    tokens = sum(len(o.finished.token_ids) for o, _ in solo_results)
+    assert stats["completion_tokens"] == tokens
+
+
+def test_overlapped_steps_answer_as_lockstep_and_drop_the_extra_tokens(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio
+) -> None:
+    """Greedy rows of different lengths, overlapped: the answers of lockstep, and a row
+    that stops has its one queued token dropped (never sent, never counted)."""
+    requests = varied_requests(builder, audio)
+    alone = solo(bundle, requests)
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = [engine.submit(r) for r in requests]
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=8, overlap_steps=True) as engine:
+        outcomes = run(together(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert stats["completion_tokens"] == sum(len(o.finished.token_ids) for o in alone)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def choices_of(first: GenerationRequest, count: int) -> list[GenerationRequest]:
+    """``count`` choices of one prompt, as the chat service makes them for ``n``."""
+    from oai_audio_server.engine.sampling import choice_seed
+
+    return [first] + [
+        replace(
+            first, request_id=f"{first.request_id}-{index}", same_prompt_as_previous=True,
+            sampling=replace(
+                first.sampling, seed=choice_seed(first.sampling.seed or 0, index)),
+        )
+        for index in range(1, count)
+    ]
+
+
+@pytest.mark.parametrize("prompt_fills_its_blocks", [False, True])
+def test_the_choices_of_one_prompt_share_one_prefill(
+    bundle: ModelBundle, builder: QwenPromptBuilder, audio: PreparedAudio,
+    prompt_fills_its_blocks: bool,
+) -> None:
+    """``n`` = 3 seeded choices: the prompt is prefilled once (counted once), the others
+    take its blocks by reference (a partly filled last block copied), and each choice
+    answers as the same request alone; every block comes back."""
+    words = ["What", "can", "you", "hear?"]
+    first = request(builder, "n", AudioItem(audio), TextItem(" ".join(words)),
+                    max_tokens=24, temperature=1.0, seed=11)
+    while (len(first.prompt_ids) % 16 == 0) != prompt_fills_its_blocks:
+        words.append("more")
+        first = request(builder, "n", AudioItem(audio), TextItem(" ".join(words)),
+                        max_tokens=24, temperature=1.0, seed=11)
+    choices = choices_of(first, 3)
+    independent = [replace(c, same_prompt_as_previous=False) for c in choices]
+
+    async def together(engine: BatchingEngine) -> list[Outcome]:
+        handles = engine.submit_group(choices)
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    alone = solo(bundle, independent)
+    with engine_for(bundle, max_batch_size=4) as engine:
+        outcomes = run(together(engine))
+        stats = engine.stats()
+    assert_same(outcomes, alone)
+    assert len({tuple(o.finished.token_ids) for o in outcomes}) > 1  # seeds differ
+    assert stats["prompt_tokens"] == len(first.prompt_ids)  # one prefill for three
+    assert stats["prefills"] == 1
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_a_row_preempted_while_prefilling_starts_again_with_its_blocks(
+    bundle: ModelBundle, builder: QwenPromptBuilder
+) -> None:
+    """A long prompt prefilled 4 tokens a pass on a 16-block cache while a long row
+    decodes: when the decoding row needs a block and none is free, the prefilling row is
+    preempted (it holds the latest blocks); it starts again later with blocks for its
+    whole prompt and answers as it does alone."""
+    running = request(builder, "running", TextItem(" ".join(f"a{i % 31}" for i in range(34))),
+                      max_tokens=100)
+    late = request(builder, "late", TextItem(" ".join(f"b{i % 37}" for i in range(30))),
+                   max_tokens=20)
+    assert blocks_needed_for(running) + blocks_needed_for(late) >= 14, "prompts too short"
+    alone = solo(bundle, [running, late])
+
+    async def both(engine: BatchingEngine) -> list[Outcome]:
+        first = engine.submit(running)
+        await wait_until(lambda: engine.stats()["decode_steps"] >= 1, "running")
+        second = engine.submit(late)
+        return list(await asyncio.gather(collect(first), collect(second)))
+
+    options = CacheOptions(num_blocks=16, max_prefill_tokens=4)
+    with engine_for(bundle, max_batch_size=2, cache=options) as engine:
+        outcomes = run(both(engine))
+        stats = engine.stats()
+    assert stats["preemptions"] >= 1 and stats["failed"] == 0
+    assert_same(outcomes, alone)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 16
+
+
+def blocks_needed_for(generation: GenerationRequest) -> int:
+    return -(-len(generation.prompt_ids) // 16)

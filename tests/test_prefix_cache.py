@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from media import tone, wav_bytes
-from test_engine_batching import Outcome, assert_same, collect, engine_for, request, run
+from test_engine_batching import (
+    Outcome,
+    assert_same,
+    choices_of,
+    collect,
+    engine_for,
+    request,
+    run,
+)
 
 from oai_audio_server.audio.decode import decode_audio
 from oai_audio_server.audio.types import PreparedAudio
@@ -170,10 +179,12 @@ def test_evictions_under_a_small_cache_change_no_answer_and_return_every_block(
     assert stats["kv_blocks_free"] == 24 and stats["failed"] == 0
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["lockstep", "overlapped"])
 def test_preempted_rows_come_back_from_their_cached_blocks(
-    bundle: ModelBundle, builder: QwenPromptBuilder, voice: PreparedAudio
+    bundle: ModelBundle, builder: QwenPromptBuilder, voice: PreparedAudio, overlap: bool
 ) -> None:
-    """Four rows in 20 blocks: decoding runs out, rows are preempted and resume; answers
+    """Four rows in 20 blocks: decoding runs out, rows are preempted and resume from the
+    blocks they left cached (overlapped: not counting a queued step's token); answers
     equal caching off, and every block comes back."""
     requests = [
         request(builder, f"r{i}", AudioItem(voice), TextItem(f"Question {i}"),
@@ -186,7 +197,8 @@ def test_preempted_rows_come_back_from_their_cached_blocks(
         handles = [engine.submit(r) for r in requests]
         return list(await asyncio.gather(*(collect(h) for h in handles)))
 
-    with engine_for(bundle, max_batch_size=4, cache=CacheOptions(num_blocks=20)) as engine:
+    with engine_for(bundle, max_batch_size=4, cache=CacheOptions(num_blocks=20),
+                    overlap_steps=overlap) as engine:
         outcomes = run(together(engine))
         stats = engine.stats()
     assert_same(outcomes, expected)
@@ -255,3 +267,31 @@ def test_prefix_caching_off_takes_nothing_from_the_cache(
     outcomes, stats = one_by_one(bundle, [same, same], OFF)
     assert [o.finished.cached_tokens for o in outcomes] == [0, 0]
     assert stats["kv_blocks_cached"] == stats["prefix_cache_hit_tokens"] == 0
+
+
+def test_the_choices_of_a_cached_prompt_share_its_blocks(
+    bundle: ModelBundle, builder: QwenPromptBuilder, voice: PreparedAudio
+) -> None:
+    """``n`` = 3 seeded choices of a prompt asked before: the first choice starts from
+    the cached blocks, the others fork from it; each answers as the same request alone
+    with caching off, each reports the cached prefix, and every block comes back."""
+    first = request(builder, "n", AudioItem(voice), TextItem("What can you hear?"),
+                    max_tokens=24, temperature=1.0, seed=11)
+    choices = choices_of(first, 3)
+    independent = [replace(c, same_prompt_as_previous=False) for c in choices]
+    expected = cache_off(bundle, independent)
+
+    async def scenario(engine: BatchingEngine) -> list[Outcome]:
+        await collect(engine.submit(replace(first, request_id="warm")))
+        handles = engine.submit_group(choices)
+        return list(await asyncio.gather(*(collect(h) for h in handles)))
+
+    with engine_for(bundle, max_batch_size=4) as engine:
+        outcomes = run(scenario(engine))
+        stats = engine.stats()
+    assert_same(outcomes, expected)
+    assert len({tuple(o.finished.token_ids) for o in outcomes}) > 1  # seeds differ
+    cached = matchable(len(first.prompt_ids))
+    assert [o.finished.cached_tokens for o in outcomes] == [cached] * 3
+    assert stats["prefix_cache_hit_tokens"] == cached  # the choices' one prefill
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]

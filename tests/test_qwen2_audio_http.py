@@ -10,6 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 from server_process import SUITE_FLAGS, ServerProcess, running_server
+from test_chat_features_http import (  # noqa: F401  (grammars on Qwen2's tokenizer.json)
+    test_file_part_carrying_audio,
+    test_json_object_and_sampled_schema_rows,
+    test_logprobs_in_json_and_in_a_stream,
+    test_n_choices_with_a_seed,
+    test_parse_with_a_pydantic_model,
+)
 from test_chat_http import *  # noqa: F403  (the suite, collected again here)
 from test_transcription_http import *  # noqa: F403
 

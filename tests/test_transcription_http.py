@@ -24,6 +24,7 @@ from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.http.app import create_app
 from oai_audio_server.runtime import create_runtime
 from oai_audio_server.settings import Settings
+from oai_audio_server.transcription.timestamps import clean_text
 
 MODEL = "whisper-1"
 SRT_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d),(\d\d\d) --> (\d\d):(\d\d):(\d\d),(\d\d\d)$")
@@ -127,9 +128,41 @@ def test_every_format_carries_the_same_text(client: openai.OpenAI, short_wav: by
     for index, segment in enumerate(segments):
         assert segment.id == index and segment.seek == 0 and segment.temperature == 0.0
         assert_clean(segment.text)
-        assert segment.no_speech_prob == 0.0 and segment.avg_logprob == 0.0
+        # A tone over noise: sound throughout. The tiny model is unsure of every token.
+        assert segment.no_speech_prob == 0.0
+        assert segment.avg_logprob < 0.0 if segment.text else segment.avg_logprob <= 0.0
+        assert segment.compression_ratio >= 0.0
     if text:
         assert segments[0].start == 0.0 and segments[-1].end == 2.5
+
+
+def test_transcription_confidence(client: openai.OpenAI, short_wav: bytes) -> None:
+    """avg_logprob is the mean of the tokens' log probabilities (the same ones
+    include[]=logprobs lists), and no_speech_prob follows the signal."""
+    listed = transcribe(client, short_wav, include=["logprobs"])
+    logprobs = listed.logprobs or []
+    assert logprobs and all(entry.logprob <= 0.0 for entry in logprobs)
+    # The SDK types these bytes as floats.
+    joined = b"".join(bytes(int(b) for b in entry.bytes or []) for entry in logprobs)
+    # The transcript is the model's raw text cleaned of markup (special tokens and all).
+    assert clean_text(joined.decode("utf-8", "replace").strip()) == listed.text
+    verbose = transcribe(client, short_wav, response_format="verbose_json")
+    mean = sum(entry.logprob for entry in logprobs) / len(logprobs)
+    assert math.isclose((verbose.segments or [])[0].avg_logprob, mean, abs_tol=1e-4)
+    # Half silence, half tone: the silent half is no speech.
+    half = np.concatenate([np.zeros(24000, np.float32), tone(1.5, 330.0)])
+    silent = transcribe(client, wav_bytes(np.zeros(32000, np.float32)),
+                        response_format="verbose_json")
+    assert all(s.no_speech_prob == 1.0 for s in silent.segments or [])
+    mixed = transcribe(client, wav_bytes(half), response_format="verbose_json").segments or []
+    assert len(mixed) == 1 and 0.4 < mixed[0].no_speech_prob < 0.65
+    events = list(transcribe(client, short_wav, stream=True, include=["logprobs"]))
+    streamed = [e for event in events if event.type == "transcript.text.delta"
+                for e in event.logprobs or []]
+    assert [e.token for e in streamed] == [e.token for e in logprobs]
+    assert [e.token for e in events[-1].logprobs or []] == [e.token for e in logprobs]
+    with pytest.raises(openai.BadRequestError):
+        transcribe(client, short_wav, include=["logprobs"], response_format="verbose_json")
 
 
 def test_srt_and_vtt_parse(client: openai.OpenAI, short_wav: bytes) -> None:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from oai_audio_server.audio.types import PreparedAudio
 from oai_audio_server.errors import APIError, InvalidRequestError
 from oai_audio_server.protocol import (
+    CONTENT_PART_TYPES,
     AudioURLPart,
     ChatMessage,
+    FilePart,
     ImageURLPart,
     InputAudioPart,
     TextPart,
@@ -39,7 +41,18 @@ from oai_audio_server.settings import limit_name
 # Messages handled between two returns to the event loop (a few ms of work at most).
 YIELD_EVERY = 256
 
-AudioLoader = Callable[[InputAudioPart | AudioURLPart], Awaitable[PreparedAudio]]
+AudioPart = InputAudioPart | AudioURLPart | FilePart
+AudioLoader = Callable[[AudioPart], Awaitable[PreparedAudio]]
+
+
+def not_an_audio_file(what: str) -> InvalidRequestError:
+    """A file part this model cannot hear."""
+    return InvalidRequestError(
+        f"file parts are accepted when their file_data is a data:audio/... URI (the model "
+        f"hears audio); this one {what}. Accepted part types: "
+        + ", ".join(CONTENT_PART_TYPES),
+        code="unsupported_content_type",
+    )
 
 
 @dataclass
@@ -114,6 +127,9 @@ async def _user_items(
                 code="unsupported_content_type",
             )
         else:
+            if isinstance(part, FilePart) and part.file.file_data is None:
+                what = "refers to an uploaded file_id" if part.file.file_id else "has no file_data"
+                raise not_an_audio_file(what).with_param(f"{part_param}.file")
             try:
                 audio = await load_audio(part)
             except APIError as exc:

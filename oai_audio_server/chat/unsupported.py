@@ -1,10 +1,10 @@
 """Request fields that ask for something this model cannot give: a 400 that says so.
 
-Chat UIs send some fields with every request (``tools`` with ``tool_choice`` "auto",
-``response_format`` {"type": "text"}, ``logprobs`` false), so those are accepted and
-answered with plain text. A request that relies on the feature (log probabilities, JSON
-or schema output, a forced tool call, spoken output) would get a 200 it cannot use and
-fail later in the client, so it is refused up front instead, naming the field.
+Chat UIs send some fields with every request (``tools`` with ``tool_choice`` "auto"), so
+those are accepted and answered with plain text. A request that relies on the feature (a
+forced tool call, spoken output) would get a 200 it cannot use and fail later in the
+client, so it is refused up front instead, naming the field. (``n``, log probabilities,
+penalties and ``response_format`` are honoured: see chat/options.py.)
 """
 
 from __future__ import annotations
@@ -19,42 +19,6 @@ TEXT_ONLY_TOOL_CHOICES = (None, "auto", "none")
 
 def reject_unsupported(request: ChatCompletionRequest) -> None:
     """Checked before any audio is decoded: these cost nothing to refuse."""
-    if request.n not in (None, 1):
-        raise InvalidRequestError(
-            "only n=1 is supported; send one request per answer",
-            param="n",
-            code="unsupported_parameter",
-        )
-    if request.logprobs:
-        raise InvalidRequestError(
-            "log probabilities are not returned by this server; leave logprobs out or "
-            "set it to false",
-            param="logprobs",
-            code="unsupported_parameter",
-        )
-    if request.top_logprobs:
-        raise InvalidRequestError(
-            "top_logprobs needs log probabilities, which this server does not return; "
-            "leave it out or set it to 0",
-            param="top_logprobs",
-            code="unsupported_parameter",
-        )
-    response_format = request.response_format
-    if response_format is not None:
-        kind = response_format.get("type")
-        if not isinstance(kind, str):
-            raise InvalidRequestError(
-                "response_format needs a \"type\"; this server supports \"text\"",
-                param="response_format.type",
-            )
-        if kind != "text":
-            raise InvalidRequestError(
-                f"response_format type {kind!r} is not supported: this server cannot "
-                "constrain the model's output to JSON; use {\"type\": \"text\"} and ask "
-                "for JSON in the prompt",
-                param="response_format",
-                code="unsupported_parameter",
-            )
     for field, choice in (("tool_choice", request.tool_choice),
                           ("function_call", request.function_call)):
         if not _text_only(choice):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 class Waiting:
     blocks: int  # KV-cache blocks its prompt needs
     waited_steps: int = 0  # decode steps since it was queued
+    rows: int = 1  # a request with several choices of one prompt starts them together
 
 
 def plan_admission(
@@ -38,13 +39,14 @@ def plan_admission(
     free_rows = capacity - running
     if free_rows <= 0 or not waiting:
         return []
-    gathering = running > 0 and len(waiting) < free_rows
+    gathering = running > 0 and sum(w.rows for w in waiting) < free_rows
     if gathering and all(w.waited_steps < join_wait_steps for w in waiting):
         return []
     chosen: list[int] = []
     for index, request in enumerate(waiting):
-        if len(chosen) == free_rows or request.blocks > free_blocks:
+        if request.rows > free_rows or request.blocks > free_blocks:
             break
         chosen.append(index)
+        free_rows -= request.rows
         free_blocks -= request.blocks
     return chosen

@@ -28,7 +28,6 @@ class Row:
 
     handle: Any  # engine.handles.RequestHandle
     text: IncrementalText
-    sampling: RowSampling
     pacer: TextPacer
     variant: int  # the rotary table of every position (chosen by the prompt's length)
     # Position the row's next input token is written to (its length in the cache so far).
@@ -45,10 +44,26 @@ class Row:
     # A row preempted and resumed has its next input token already (no sampling after
     # its prefill).
     resumed: bool = False
+    # Its sampler state, from when it first joins the decoding rows (kept across a
+    # preemption).
+    sampling: RowSampling | None = None
+    # The other choices (``n`` > 1) of the same prompt: they hold a row's place and one
+    # block each until this row's prefill ends, then take its prompt blocks by reference.
+    followers: list[Row] = field(default_factory=list)
 
     @property
     def prefill_total(self) -> int:
         return 0 if self.pending is None else int(self.pending.shape[0])
+
+    @property
+    def prefill_positions(self) -> int:
+        """Positions its prefill writes: the prompt, or for a preempted row the prompt
+        and its answer but the last token (which is its next input)."""
+        return self.position if self.resumed else len(self.handle.request.prompt_ids)
+
+
+def with_followers(rows: Sequence[Row]) -> list[Row]:
+    return [each for row in rows for each in (row, *row.followers)]
 
 
 class DeviceRows:

@@ -32,15 +32,21 @@ from typing import Any, TypeVar
 import torch
 
 from oai_audio_server.engine.admission import Waiting, plan_admission
-from oai_audio_server.engine.batch import Row
+from oai_audio_server.engine.batch import Row, with_followers
 from oai_audio_server.engine.cache_plan import CacheOptions, pick_attention_backend, plan_cache
 from oai_audio_server.engine.detokenizer import IncrementalText
-from oai_audio_server.engine.handles import EventSink, LoopSink, Outbox, RequestHandle
+from oai_audio_server.engine.handles import (
+    EventSink,
+    LoopSink,
+    Outbox,
+    RequestHandle,
+    group_choices,
+)
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
 from oai_audio_server.engine.prefix import PrefixCache, model_fingerprint
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
-from oai_audio_server.engine.sampling import RowSampling, SamplingPlan, make_generator, sample
+from oai_audio_server.engine.sampling import BatchSampler, HostStep, RowSpec, SampledStep
 from oai_audio_server.engine.types import (
     Failed,
     Finished,
@@ -48,6 +54,7 @@ from oai_audio_server.engine.types import (
     GenerationEvent,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
 )
 from oai_audio_server.errors import (
     APIError,
@@ -113,10 +120,13 @@ class BatchingEngine:
         cache: CacheOptions | None = None,
         on_admit: Callable[[list[RequestHandle]], None] | None = None,
         on_step: Callable[[], None] | None = None,
+        overlap_steps: bool | None = None,
     ) -> None:
         """``max_batch_size`` 0 = auto (see cache_plan.py). ``on_admit`` sees the
         requests leaving the queue; ``on_step`` runs after every worker step (both on the
-        worker thread; for an engine in another process)."""
+        worker thread; for an engine in another process). ``overlap_steps``: queue each
+        decode step before reading the previous one (None: on a GPU, where the host's work
+        then hides behind the device's; on a CPU it would only delay every token)."""
         self._load = load
         self._max_batch_size = max_batch_size
         self._max_queue = max_queue
@@ -136,13 +146,16 @@ class BatchingEngine:
         self._batch_size = 0
         self._counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self._outbox = Outbox()  # touched by the worker thread only
-        self._plan: SamplingPlan | None = None  # of the current decoding rows
+        self._sampler: BatchSampler | None = None  # sampler rows = decoding rows
         # Worker-thread state: rows decoding (device rows 0..n-1, in order), rows still
         # prefilling, and rows preempted (no blocks; they start again first).
         self._decoding: list[Row] = []
         self._prefilling: list[Row] = []
         self._preempted: collections.deque[Row] = collections.deque()
         self._last_step_start: float | None = None
+        # A decode step queued but not read yet (overlapped stepping), with its rows.
+        self._in_flight: tuple[list[Row], SampledStep] | None = None
+        self._overlap = overlap_steps
 
     # ------------------------------------------------------------------ public
 
@@ -199,6 +212,12 @@ class BatchingEngine:
             raise NotReadyError("the model is not ready; retry shortly")
         target = sink if sink is not None else LoopSink(asyncio.get_running_loop())
         handles = [RequestHandle(request, target) for request in requests]
+        for previous, handle in zip(handles, handles[1:], strict=False):
+            if handle.request.same_prompt_as_previous:
+                handle.leader = previous.leader or previous
+        for request in requests:  # compiled off the step loop (a cache hit, usually)
+            if request.sampling.grammar is not None:
+                self.bundle.grammars.prefetch(request.sampling.grammar)
         with self._cond:
             for handle in handles:
                 handle.queued_at_step = self._counters["decode_steps"]
@@ -246,12 +265,15 @@ class BatchingEngine:
                 torch.cuda.set_device(bundle.device)
             with torch.inference_mode():  # the cache and the captured graphs
                 runner = self._make_runner(bundle)
+                self._sampler = BatchSampler(runner.capacity, bundle.vocab_limit, bundle.device)
         except BaseException as exc:  # reported by /health; the thread ends
             logger.exception("model load failed")
             self._load_error = exc
             return
         self._bundle = bundle
         self._runner = runner
+        if self._overlap is None:
+            self._overlap = bundle.device.type == "cuda"
         freeze_long_lived_objects()  # a full collection would stall decode steps too
         logger.info(
             "model ready: up to %d sequences at once, %d KV blocks of %d positions "
@@ -290,7 +312,7 @@ class BatchingEngine:
                 self._after_step()
         # shutting down: nobody will serve what is left
         stopping = NotReadyError("the server is shutting down")
-        rows = self._decoding + self._prefilling + list(self._preempted)
+        rows = with_followers(self._decoding + self._prefilling + list(self._preempted))
         for handle in list(self._waiting) + [r.handle for r in rows if not r.finished]:
             self._fail(handle, stopping)
         self._waiting.clear()
@@ -360,8 +382,10 @@ class BatchingEngine:
             return None
 
     def _fail_rows(self, bundle: ModelBundle, rows: Sequence[Row], exc: Exception) -> None:
-        """Fail these rows and free what they hold (their blocks' contents are unknown)."""
+        """Fail these rows (and the choices waiting on their prompt) and free what they
+        hold (their blocks' contents are unknown)."""
         error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+        rows = with_followers(rows)
         failing = {id(row) for row in rows}
         for row in rows:
             if not row.finished:
@@ -370,12 +394,9 @@ class BatchingEngine:
             self._release(row, failed=True)
         self._decoding = [r for r in self._decoding if id(r) not in failing]
         self._prefilling = [r for r in self._prefilling if id(r) not in failing]
-        self._plan = None
+        self._in_flight = None  # the survivors go on from the tokens they have read
         if self._runner is not None:
-            rows_left = self._decoding
-            for index, row in enumerate(rows_left):
-                self._reload(index, row)
-            self._runner.rows.clear_from(len(rows_left))
+            self._reload_decoding()
         if bundle.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed call allocated
 
@@ -431,69 +452,100 @@ class BatchingEngine:
         blocks, prefix = self._blocks, self._prefix
         assert blocks is not None and prefix is not None and bundle.model is not None
         self._sweep_waiting()
-        running = len(self._decoding) + len(self._prefilling)
-        while self._preempted and running < runner.capacity:
+        running = len(with_followers(self._decoding + self._prefilling))
+        while self._preempted:
             row = self._preempted[0]
-            assert row.prefix is not None
-            tokens, length = self._tokens(row), self._length(row)
-            if prefix.cost(row.prefix, tokens, length) > blocks.free_blocks:
+            rows = 1 + len(row.followers)
+            if running + rows > runner.capacity or self._blocks_to_start(row) > blocks.free_blocks:
                 return  # nothing new passes a preempted row
             self._preempted.popleft()
-            row.blocks, row.cached = prefix.start(row.prefix, tokens, length)
+            self._take_blocks(row)
             self._prefilling.append(row)
-            running += 1
-        if self._preempted or not self._waiting or running >= runner.capacity:
+            running += rows
+        if not self._waiting or running >= runner.capacity:
             return
         max_len = runner.max_len
         for handle in [h for h in self._waiting if self._too_long(h, max_len)]:
             self._waiting.remove(handle)
         steps = self._counters["decode_steps"]
-        # No more than the free rows can start (the rest plan the same without them).
-        queued = list(self._waiting)[: runner.capacity - running]
+        units = self._startable(group_choices(list(self._waiting), runner.capacity),
+                                runner.capacity - running)
         model = bundle.model
+        # Block keys (audio hashed once per request) and the cached prefix.
         states = [
-            prefix.state(h, model.rotary_variant(len(h.request.prompt_ids))) for h in queued
+            prefix.state(unit[0], model.rotary_variant(len(unit[0].request.prompt_ids)))
+            for unit in units
         ]
         chosen = plan_admission(
             [
                 Waiting(
-                    prefix.cost(state, h.request.prompt_ids, len(h.request.prompt_ids)),
-                    steps - h.queued_at_step,
+                    # the blocks its prompt takes (a cached prefix that running rows hold
+                    # is free), and one for each other choice's last block
+                    prefix.cost(state, unit[0].request.prompt_ids,
+                                len(unit[0].request.prompt_ids))
+                    + len(unit) - 1,
+                    steps - unit[0].queued_at_step,
+                    rows=len(unit),
                 )
-                for h, state in zip(queued, states, strict=True)
+                for unit, state in zip(units, states, strict=True)
             ],
             running=running,
             capacity=runner.capacity,
             free_blocks=blocks.free_blocks,
             join_wait_steps=self._join_wait_steps,
         )
-        admitted = [queued[i] for i in chosen]
+        admitted = [handle for index in chosen for handle in units[index]]
         now = time.monotonic()
         for index in chosen:
-            handle = queued[index]
-            self._waiting.remove(handle)
-            handle.admitted_at = now
-            row = self._new_row(bundle, handle)
-            row.prefix = states[index]
-            prompt = handle.request.prompt_ids
-            row.blocks, row.cached = prefix.start(row.prefix, prompt, len(prompt))
-            self._prefilling.append(row)
+            leader, *others = (self._new_row(bundle, handle) for handle in units[index])
+            leader.followers = others
+            leader.prefix = states[index]
+            for row in (leader, *others):
+                self._waiting.remove(row.handle)
+                row.handle.admitted_at = now
+            self._take_blocks(leader)
+            for follower in others:
+                follower.prefix = prefix.choice_state(leader.prefix)
+            self._prefilling.append(leader)
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
 
+    @staticmethod
+    def _startable(
+        units: list[list[RequestHandle]], free_rows: int
+    ) -> list[list[RequestHandle]]:
+        """The leading units that free rows could hold, and the first that they could not
+        (admission stops there): what later units would cost is never looked up."""
+        for index, unit in enumerate(units):
+            free_rows -= len(unit)
+            if free_rows < 0:
+                return units[: index + 1]
+        return units
+
+    def _blocks_to_start(self, row: Row) -> int:
+        """Free blocks the row takes to start: what its prefill writes but a cached
+        prefix that running rows hold (engine/prefix.py), and one per follower."""
+        assert self._prefix is not None and row.prefix is not None
+        tokens = self._tokens(row)
+        return self._prefix.cost(row.prefix, tokens, row.prefill_positions) + len(row.followers)
+
+    def _take_blocks(self, row: Row) -> None:
+        """Blocks for what the row prefills, and one per follower (its copy of the
+        prompt's last block, or its first answer block when the prompt fills its blocks)."""
+        blocks, prefix = self._blocks, self._prefix
+        assert blocks is not None and prefix is not None and row.prefix is not None
+        row.blocks, row.cached = prefix.start(row.prefix, self._tokens(row),
+                                              row.prefill_positions)
+        for follower in row.followers:
+            follower.blocks = blocks.allocate(1)
+
     def _new_row(self, bundle: ModelBundle, handle: RequestHandle) -> Row:
         request = handle.request
-        sampling = request.sampling
-        seen = None
-        if sampling.repetition_penalty != 1.0:
-            ids = torch.tensor(request.prompt_ids, dtype=torch.long)
-            seen = ids[ids < bundle.vocab_limit].to(bundle.device)
         assert bundle.model is not None
         return Row(
             handle=handle,
-            text=IncrementalText(bundle.token_bytes, stop=sampling.stop,
+            text=IncrementalText(bundle.token_bytes, stop=request.sampling.stop,
                                  strip=request.strip_whitespace),
-            sampling=RowSampling(sampling, make_generator(sampling, bundle.device), seen),
             pacer=TextPacer(request.text_interval),
             variant=bundle.model.rotary_variant(len(request.prompt_ids)),
         )
@@ -502,12 +554,6 @@ class BatchingEngine:
     def _tokens(row: Row) -> list[int]:
         """The row's ids from position 0 (prompt, then answer so far)."""
         return [*row.handle.request.prompt_ids, *row.generated]
-
-    @staticmethod
-    def _length(row: Row) -> int:
-        """Positions the row's prefill fills: its prompt, or for a row coming back after
-        preemption its prompt and answer but the last token (its next input)."""
-        return row.position if row.resumed else len(row.handle.request.prompt_ids)
 
     # ------------------------------------------------------------------ prefill
 
@@ -567,34 +613,93 @@ class BatchingEngine:
             return
         done_ids = {id(r) for r in done}
         self._prefilling = [r for r in self._prefilling if id(r) not in done_ids]
-        sampled = [r for r in done if not r.resumed]
-        chosen = None
-        if sampled:
-            samplers = [row.sampling for row in sampled]
-            chosen = sample(logits, samplers, SamplingPlan(samplers, bundle.device))
-        pick_of = {id(row): index for index, row in enumerate(sampled)}
-        for row in done:
-            prefilled = row.cached + row.prefill_total
-            row.pending = None
-            if row.resumed:
+        self._guarded(bundle, done, self._join, bundle, runner, done, logits)
+
+    def _join(
+        self, bundle: ModelBundle, runner: ModelRunner, done: list[Row], logits: torch.Tensor
+    ) -> None:
+        """Rows whose prefill ended join the decoding rows (and the sampler's rows at the
+        same indices): new rows with their other choices, which sample their first token
+        from the prompt's logits, then resumed rows, whose next input is known."""
+        sampler = self._sampler
+        assert sampler is not None
+        fresh = [r for r in done if not r.resumed]
+        joining: list[Row] = []
+        logit_rows: list[int] = []
+        for pick, row in enumerate(fresh):
+            row.position = row.cached + row.prefill_total
+            self._counters["prompt_tokens"] += row.position
+            for follower in row.followers:
+                self._fork(runner, row, follower)
+            for member in (row, *row.followers):
+                if not self._gone(member.handle, time.monotonic()):
+                    joining.append(member)
+                    logit_rows.append(pick)
+                else:
+                    member.finished = True
+                    self._release(member, computed=row.position)
+            row.followers = []
+        start = len(self._decoding)
+        step: HostStep | None = None
+        if joining:
+            self._add_to_sampler(bundle, start, joining)
+            picked = logits.index_select(0, torch.tensor(logit_rows, device=logits.device))
+            sampled = sampler.sample(picked, start)
+            for offset, row in enumerate(joining):
+                runner.rows.load(start + offset, sampled.ids[offset : offset + 1],
+                                 row.position, row.variant, row.blocks)
+            step = sampled.to_host()
+        self._decoding.extend(joining)
+        resumed = [r for r in done if r.resumed]
+        if resumed:
+            self._add_to_sampler(bundle, len(self._decoding), resumed)
+            for row in resumed:
                 token = torch.tensor([row.generated[-1]], device=bundle.device)
+                runner.rows.load(len(self._decoding), token, row.position, row.variant,
+                                 row.blocks)
                 row.resumed = False
-            else:
-                assert chosen is not None
-                pick = pick_of[id(row)]
-                token = chosen[pick : pick + 1]
-                row.position = prefilled
-                self._counters["prompt_tokens"] += prefilled
-            index = len(self._decoding)
-            self._decoding.append(row)
-            runner.rows.load(index, token, row.position, row.variant, row.blocks)
-        self._plan = None
+                self._decoding.append(row)
+        for row in done:
+            row.pending = None
         self._counters["peak_batch_size"] = max(
             self._counters["peak_batch_size"], len(self._decoding)
         )
-        if chosen is not None:
-            for index, (row, token) in enumerate(zip(sampled, chosen.tolist(), strict=True)):
-                self._accept(bundle, row, token, chosen[index : index + 1])
+        if step is not None:
+            self._accept_step(bundle, joining, step)
+
+    def _fork(self, runner: ModelRunner, row: Row, follower: Row) -> None:
+        """Another choice of ``row``'s prompt, just prefilled: it takes the prompt's full
+        blocks by reference and a copy of a partly filled last block (which both rows
+        write their answers into), in the block it held since admission."""
+        blocks = self._blocks
+        assert blocks is not None
+        (own,) = follower.blocks
+        partial = row.position % blocks.block_size != 0
+        shared = row.blocks[:-1] if partial else list(row.blocks)
+        blocks.share(shared)
+        if partial:
+            runner.cache.copy_block(row.blocks[-1], own)
+        follower.blocks = [*shared, own]
+        follower.position = row.position
+        follower.variant = row.variant
+
+    def _add_to_sampler(self, bundle: ModelBundle, start: int, rows: Sequence[Row]) -> None:
+        """Rows ``start..`` of the sampler; a resumed row keeps its state (seed, grammar
+        matcher, counts rebuilt from its answer)."""
+        sampler = self._sampler
+        assert sampler is not None
+        specs = []
+        for row in rows:
+            request = row.handle.request
+            grammar = request.sampling.grammar
+            specs.append(RowSpec(
+                request.sampling, request.prompt_ids,
+                bundle.grammars.compile(grammar)
+                if grammar is not None and row.sampling is None else None,
+                resume=row.sampling, generated=row.generated,
+            ))
+        for row, state in zip(rows, sampler.add_rows(start, specs), strict=True):
+            row.sampling = state
 
     # ------------------------------------------------------------------ decode
 
@@ -623,11 +728,16 @@ class BatchingEngine:
         computed = 0  # a prefilling row's filled blocks are registered already
         if self._prefilling:
             row = self._prefilling.pop()
+            for follower in row.followers:
+                self._release(follower)
         else:
             row = self._decoding.pop()
             runner.rows.clear_from(len(self._decoding))
+            assert self._sampler is not None
+            self._sampler.clear_from(len(self._decoding))
             row.resumed = True
-            self._plan = None
+            # not counting a queued step's token, which is dropped and drawn again
+            row.position = self._cached_length(row)
             computed = row.position
         # Its blocks stay cached: it finds them again when it comes back (unless evicted).
         self._release(row, computed=computed)
@@ -637,64 +747,110 @@ class BatchingEngine:
         self._counters["preemptions"] += 1
 
     def _decode_pass(self, bundle: ModelBundle, runner: ModelRunner) -> None:
+        """One decode step of every decoding row. Overlapped (on a GPU): the step is
+        queued before the previous step's ids are read, so the device computes step k+1
+        while the host detokenizes step k; a row that finished at step k has its step k+1
+        token dropped. Rows with a grammar need step k's token in their matcher before
+        step k+1's mask exists, so a batch holding one steps in lockstep."""
+        in_flight, self._in_flight = self._in_flight, None
         self._ensure_blocks(runner)
-        rows = self._decoding
-        if not rows:
-            return
+        rows = list(self._decoding)
+        overlap = bool(self._overlap) and not any(
+            row.handle.request.sampling.grammar is not None for row in rows
+        )
+        if in_flight is not None and not overlap:
+            self._read_step(bundle, *in_flight)
+            in_flight = None
+            rows = [row for row in rows if not row.finished]
+            if len(rows) != len(self._decoding):
+                self._retire()  # the batch must be rows 0..n-1 again before a step
+                rows = list(self._decoding)
+        launched = self._launch_step(bundle, runner, rows) if rows else None
+        if in_flight is not None:
+            self._read_step(bundle, *in_flight)
+        if launched is not None:
+            if overlap:
+                self._in_flight = (rows, launched)
+            else:
+                self._read_step(bundle, rows, launched)
+
+    def _launch_step(
+        self, bundle: ModelBundle, runner: ModelRunner, rows: list[Row]
+    ) -> SampledStep | None:
         started = time.perf_counter()
         if self._last_step_start is not None:
             self._counters["decode_time_us"] += int((started - self._last_step_start) * 1e6)
         self._last_step_start = started
-        samplers = [row.sampling for row in rows]
-        if self._plan is None:
-            # Built before the step is queued: its host-to-device copies then do not wait
-            # for the forward pass.
-            self._plan = SamplingPlan(samplers, bundle.device)
-        plan = self._plan
-        stepped = self._guarded(bundle, list(rows), self._decode_once, runner, rows, plan)
-        if stepped is None:
-            return
-        chosen, tokens = stepped
+        step = self._guarded(bundle, rows, self._decode_once, runner, rows)
+        if step is None:
+            return None
         self._counters["decode_steps"] += 1
-        for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        for row in rows:
             row.position += 1
-            self._accept(bundle, row, token, chosen[index : index + 1])
+        return step
 
-    def _decode_once(
-        self, runner: ModelRunner, rows: list[Row], plan: SamplingPlan
-    ) -> tuple[torch.Tensor, list[int]]:
+    def _decode_once(self, runner: ModelRunner, rows: list[Row]) -> SampledStep:
         count = len(rows)
         logits = runner.decode(count, max(row.position for row in rows))
-        chosen = sample(logits, [row.sampling for row in rows], plan)
-        runner.rows.advance(count, chosen)
-        return chosen, chosen.tolist()  # the step's one wait for the device
+        assert self._sampler is not None
+        # Grammar masks are filled on the host while the device computes the logits.
+        step = self._sampler.sample(logits)
+        runner.rows.advance(count, step.ids)
+        return step
+
+    def _read_step(self, bundle: ModelBundle, rows: list[Row], step: SampledStep) -> None:
+        """The step's one wait for the device, then its tokens for the rows it ran for
+        (rows that finished, failed or were preempted since it was queued drop theirs)."""
+        host = self._guarded(bundle, rows, step.to_host)
+        if host is None:
+            return
+        decoding = {id(row) for row in self._decoding}
+        for row, token, logprob in zip(rows, host.tokens, host.logprobs, strict=True):
+            if not row.finished and id(row) in decoding:
+                self._accept(bundle, row, token, logprob)
 
     # ------------------------------------------------------------------ tokens
 
-    def _accept(self, bundle: ModelBundle, row: Row, token: int, chosen: torch.Tensor) -> None:
-        """``chosen``: the same id as a one-element tensor on the device."""
+    def _accept_step(self, bundle: ModelBundle, rows: Sequence[Row], host: HostStep) -> None:
+        for row, token, logprob in zip(rows, host.tokens, host.logprobs, strict=True):
+            self._accept(bundle, row, token, logprob)
+
+    def _accept(
+        self, bundle: ModelBundle, row: Row, token: int, logprob: TokenLogprob | None
+    ) -> None:
         row.generated.append(token)
         self._counters["completion_tokens"] += 1
         if token in bundle.stop_token_ids:
             self._finish(row, "stop")
             return
+        if logprob is not None:  # handed over with the text it belongs to
+            self._pending_logprobs(row).append(logprob)
         self._emit_text(row, row.pacer.push(row.text.push(token), time.monotonic()))
         if row.text.stopped:
             self._finish(row, "stop")
         elif len(row.generated) >= row.handle.request.sampling.max_tokens:
             self._finish(row, "length")
-        elif row.sampling.seen is not None:
-            # The penalty covers the answer so far; the id stays on the device.
-            row.sampling.seen = torch.cat([row.sampling.seen, chosen])
+
+    @staticmethod
+    def _pending_logprobs(row: Row) -> list[TokenLogprob]:
+        assert row.sampling is not None
+        return row.sampling.pending_logprobs
+
+    def _take_logprobs(self, row: Row) -> tuple[TokenLogprob, ...]:
+        pending = self._pending_logprobs(row)
+        taken = tuple(pending)
+        pending.clear()
+        return taken
 
     def _emit_text(self, row: Row, text: str) -> None:
         if text:
-            self._emit(row.handle, TextDelta(text))
+            self._emit(row.handle, TextDelta(text, self._take_logprobs(row)))
 
     def _finish(self, row: Row, reason: FinishReason) -> None:
         tail = row.pacer.drain() + row.text.finish()
-        if tail:
-            self._emit(row.handle, TextDelta(tail))
+        logprobs = self._take_logprobs(row)
+        if tail or logprobs:
+            self._emit(row.handle, TextDelta(tail, logprobs))
         row.finished = True
         self._counters["finished"] += 1
         self._emit(
@@ -719,12 +875,26 @@ class BatchingEngine:
                                  failed=failed)
         row.blocks = []
 
-    def _reload(self, index: int, row: Row) -> None:
-        """Device row ``index`` from the host's view of ``row`` (after a fault)."""
-        assert self._runner is not None and self._bundle is not None
-        token = torch.tensor([row.generated[-1] if row.generated else 0],
-                             device=self._bundle.device)
-        self._runner.rows.load(index, token, row.position, row.variant, row.blocks)
+    def _reload_decoding(self) -> None:
+        """Device rows and sampler rows 0..n-1 from the host's view of the decoding rows
+        (after a fault took some rows out)."""
+        runner, bundle, sampler = self._runner, self._bundle, self._sampler
+        assert runner is not None and bundle is not None and sampler is not None
+        rows = self._decoding
+        for index, row in enumerate(rows):
+            row.position = self._cached_length(row)
+            token = torch.tensor([row.generated[-1]], device=bundle.device)
+            runner.rows.load(index, token, row.position, row.variant, row.blocks)
+        runner.rows.clear_from(len(rows))
+        sampler.clear_from(0)
+        if rows:
+            self._add_to_sampler(bundle, 0, rows)
+
+    @staticmethod
+    def _cached_length(row: Row) -> int:
+        """Positions a decoding row has in the cache as of the tokens read so far (its
+        prompt and its answer but the last token, which is its next input)."""
+        return len(row.handle.request.prompt_ids) + len(row.generated) - 1
 
     def _retire(self) -> None:
         """Drop finished, cancelled and timed-out rows and free their blocks; the last
@@ -735,6 +905,13 @@ class BatchingEngine:
                 if row.finished or self._gone(row.handle, now):
                     row.finished = True
                     self._release(row)
+                    for follower in row.followers:
+                        # the other choices of a prompt whose prefill stopped
+                        if not self._gone(follower.handle, now):
+                            self._fail(follower.handle, EngineError(
+                                "the request's first choice was cancelled"))
+                        follower.finished = True
+                        self._release(follower)
         self._prefilling = [r for r in self._prefilling if not r.finished]
         self._preempted = collections.deque(r for r in self._preempted if not r.finished)
         rows = self._decoding
@@ -743,12 +920,12 @@ class BatchingEngine:
         leaving = {id(r) for r in rows if r.finished or self._gone(r.handle, now)}
         if not leaving:
             return
-        runner = self._runner
-        assert runner is not None
+        runner, sampler = self._runner, self._sampler
+        assert runner is not None and sampler is not None
         live = list(rows)
         for row in live:
             if id(row) in leaving:
-                self._release(row, computed=row.position)
+                self._release(row, computed=self._cached_length(row))
         index = 0
         while index < len(live):
             if id(live[index]) not in leaving:
@@ -759,8 +936,9 @@ class BatchingEngine:
             if index >= len(live):
                 break
             runner.rows.move(len(live) - 1, index)
+            sampler.move(len(live) - 1, index)
             live[index] = live.pop()
             index += 1
         runner.rows.clear_from(len(live))
+        sampler.clear_from(len(live))
         self._decoding = live
-        self._plan = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +56,8 @@ class RequestHandle:
         self.queued_at_step = 0  # the engine's decode step count when it was queued
         self.queued_at = time.monotonic()
         self.admitted_at: float | None = None  # when it left the queue for the batch
+        # The first choice of the same prompt (``n`` > 1), whose prefill this one shares.
+        self.leader: RequestHandle | None = None
 
     def emit(self, event: GenerationEvent) -> None:
         """Deliver one event at once (from outside the worker's step)."""
@@ -102,3 +104,17 @@ class Outbox:
             by_sink.setdefault(handle.sink, []).append((handle, event))
         for sink, events in by_sink.items():
             sink.deliver(events)
+
+
+def group_choices(handles: Sequence[RequestHandle], limit: int) -> list[list[RequestHandle]]:
+    """Queued handles in admission units: a request and the following choices of its
+    prompt (at most ``limit`` together; a choice whose first choice is no longer just
+    before it is a unit of its own and prefills its prompt itself)."""
+    units: list[list[RequestHandle]] = []
+    for handle in handles:
+        unit = units[-1] if units else None
+        if unit is not None and handle.leader is unit[0] and len(unit) < limit:
+            unit.append(handle)
+        else:
+            units.append([handle])
+    return units

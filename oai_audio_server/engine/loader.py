@@ -9,12 +9,13 @@ imported or run. The family (Qwen-Audio or Qwen2-Audio) comes from config.json
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +30,9 @@ from oai_audio_server.models.registry import (
     family_named,
 )
 from oai_audio_server.settings import Settings
+
+if TYPE_CHECKING:
+    from oai_audio_server.engine.grammar import GrammarCache
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +131,15 @@ class ModelBundle:
     @property
     def vocab_limit(self) -> int:
         return len(self.token_bytes)
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCache:
+        """Structured-output grammars compiled for this vocabulary (built on first use)."""
+        from oai_audio_server.engine.grammar import GrammarCache
+
+        # Both families' tokenizers name their control and audio tokens here.
+        special: dict[str, int] = getattr(self.tokenizer, "special_tokens", {})
+        return GrammarCache(self.token_bytes, special.values(), self.stop_token_ids)
 
     def prompt_builder(self) -> PromptBuilder:
         """The family's prompt builder for this checkpoint (the token table it bounds

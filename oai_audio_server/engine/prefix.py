@@ -111,6 +111,13 @@ class PrefixCache:
             self._states[handle] = state
         return state
 
+    def choice_state(self, leader: PrefixState) -> PrefixState:
+        """The state of another choice of ``leader``'s prompt (n > 1), once the leader
+        has its blocks: the same audio, prompt keys (computed before any answer) and
+        cached tokens; its own chain from its answer on."""
+        return PrefixState(leader.variant, leader.audio, keys=list(leader.keys),
+                           cached_tokens=leader.cached_tokens)
+
     # ------------------------------------------------------------------ keys
 
     def _keys(self, state: PrefixState, ids: Sequence[int], count: int) -> list[bytes]:

@@ -147,6 +147,10 @@ class ModelRunner:
         if graph is not None:
             graph.graph.replay()
             return graph.logits[:count, : self.vocab_limit]
+        if self.backend == "sdpa":
+            # Eager: gather only the blocks the longest row has (a bucket's fixed shape
+            # is for captured graphs).
+            kv_len = blocks_needed(longest_position + 1, self.block_size) * self.block_size
         rows = self.rows
         logits = self.model.decode(
             rows.tokens[:count], rows.variants[:count], self.cache, self._meta(count, kv_len)

@@ -16,6 +16,14 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the output (structured outputs), compiled in engine/grammar.py."""
+
+    kind: Literal["json_schema", "json_object"]
+    schema: str = ""  # the JSON schema as canonical JSON text (json_schema only)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
@@ -24,6 +32,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100)
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0-20, with logprobs
+    grammar: GrammarSpec | None = None
 
     @property
     def greedy(self) -> bool:
@@ -44,11 +58,26 @@ class GenerationRequest:
     # Seconds between text deliveries after the first (see engine/pacing.py); math.inf
     # for a client that only reads the whole answer.
     text_interval: float = 0.0
+    # Another choice (``n`` > 1) of the previous request of the same group, with the same
+    # prompt and audio: the engine prefills the prompt once and shares its blocks.
+    same_prompt_as_previous: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability and the most likely alternatives, as
+    (token id, log probability) pairs (see engine/sampling.py for the distribution)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    # The tokens accepted since the last delta, for a request that asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 FinishReason = Literal["stop", "length"]
@@ -77,7 +106,8 @@ def coalesce(events: list[GenerationEvent]) -> list[GenerationEvent]:
     merged: list[GenerationEvent] = []
     for event in events:
         if isinstance(event, TextDelta) and merged and isinstance(merged[-1], TextDelta):
-            merged[-1] = TextDelta(merged[-1].text + event.text)
+            previous = merged[-1]
+            merged[-1] = TextDelta(previous.text + event.text, previous.logprobs + event.logprobs)
         else:
             merged.append(event)
     return merged

@@ -17,6 +17,7 @@ from oai_audio_server.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from oai_audio_server.protocol import CONTENT_PART_TYPES
 from oai_audio_server.settings import Settings, limit_name
 from oai_audio_server.units import format_value
 
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 _PATH = re.compile(r"`\$\.?([^`]*)`")
 _FIELD = re.compile(r"required field `([^`]+)`")
+# Where a content part's tag sits: a value there that fails is an unknown part type.
+_PART_TYPE = re.compile(r"messages\[\d+\]\.content\[\d+\]\.type")
 
 
 def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> InvalidRequestError:
@@ -36,6 +39,15 @@ def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Inva
     missing = _FIELD.search(text)
     if missing:
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+    if param and _PART_TYPE.fullmatch(param):
+        return InvalidRequestError(
+            "unsupported content part type; this server accepts "
+            + ", ".join(f"'{kind}'" for kind in CONTENT_PART_TYPES)
+            + " parts (audio as input_audio, an audio_url, or a file part whose file_data "
+            "is a data:audio/... URI)",
+            param=param,
+            code="unsupported_content_type",
+        )
     return InvalidRequestError(f"invalid request: {text}", param=param or None)
 
 

@@ -2,13 +2,14 @@
 
 Decoding a 45 MiB body is one call that holds the GIL, and with it the event loop, for
 tens of milliseconds; so is building the Python string of its base64 audio. A request's
-long strings are its audio (``input_audio.data``, ``audio_url.url``) and, in an attack or
-by mistake, its text. A vectorised scan, a MiB at a time, finds every run of at least
-``MIN_LENGTH`` plain bytes (printable ASCII but ``"`` and ``\\``, plus the escape ``\\/``)
-that is the whole value of a ``"data"``, ``"url"``, ``"text"`` or ``"content"`` key:
+long strings are its audio (``input_audio.data``, ``audio_url.url``, ``file.file_data``)
+and, in an attack or by mistake, its text. A vectorised scan, a MiB at a time, finds
+every run of at least ``MIN_LENGTH`` plain bytes (printable ASCII but ``"`` and ``\\``,
+plus the escape ``\\/``) that is the whole value of a ``"data"``, ``"url"``,
+``"file_data"``, ``"text"`` or ``"content"`` key:
 
-* audio values (``data``, ``url``) are replaced by a placeholder and kept as bytes,
-  which the audio decoder reads in steps;
+* audio values (``data``, ``url``, ``file_data``) are replaced by a placeholder and kept
+  as bytes, which the audio decoder reads in steps;
 * text values (``text``, ``content``) stay, but their size is known before decoding,
   so text that cannot fit the model's window is refused without decoding it.
 
@@ -33,14 +34,14 @@ from oai_audio_server.memory import AnonymousBuffer
 
 MIN_LENGTH = 64 * 1024  # shorter strings cost well under a millisecond to decode
 STEP = 1024 * 1024  # bytes per step of any scan or copy that holds the GIL
-AUDIO_KEYS = (b"data", b"url")
+AUDIO_KEYS = (b"data", b"url", b"file_data")
 TEXT_KEYS = (b"text", b"content")
 _QUOTE, _BACKSLASH, _SLASH = ord('"'), ord("\\"), ord("/")
 _PLAIN = np.zeros(256, dtype=bool)
 _PLAIN[0x20:0x7F] = True
 _PLAIN[[_QUOTE, _BACKSLASH]] = False
 # The key before a value's opening quote; the key's own opening quote must not be escaped.
-_KEY = re.compile(rb'(?<!\\)"(data|url|text|content)"[ \t\r\n]*:[ \t\r\n]*\Z')
+_KEY = re.compile(rb'(?<!\\)"(data|url|file_data|text|content)"[ \t\r\n]*:[ \t\r\n]*\Z')
 _KEY_WINDOW = 64
 _HEX = np.full(256, -1, dtype=np.int16)
 _HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)

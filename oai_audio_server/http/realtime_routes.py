@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 REALTIME_SUBPROTOCOL = "realtime"
 OUTGOING_EVENTS = 256  # queued for the writer; a producer waits beyond this
+FLUSH_SECONDS = 5.0  # for a closing session's last events
 # Close codes (RFC 6455): policy violation, and "try again later".
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
@@ -119,10 +120,17 @@ class Writer:
             await self._queue.put(wire.encoder.encode(event))
 
     async def flush(self) -> None:
-        """Everything queued sent (or the client gone)."""
+        """Everything queued sent, or the client gone; a client that has stopped reading
+        gets FLUSH_SECONDS before the rest is dropped."""
         if not self._task.done():
-            await self._queue.put(None)
-        await asyncio.wait({self._task})
+            try:
+                self._queue.put_nowait(None)
+            except asyncio.QueueFull:
+                pass  # the writer is stalled on a client that does not read
+        await asyncio.wait({self._task}, timeout=FLUSH_SECONDS)
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task})
         if not self._task.cancelled():
             self._task.exception()  # a send to a closed socket: nothing more to do
 
@@ -153,23 +161,8 @@ def build_realtime_routes(runtime: Runtime) -> list[Any]:
         return kind, model
 
     async def serve(socket: WebSocket[Any, Any, Any], session: RealtimeSession) -> None:
-        deadline = asyncio.get_running_loop().time() + settings.realtime_max_session_seconds
         while True:
-            left = deadline - asyncio.get_running_loop().time()
-            receiving = asyncio.ensure_future(socket.receive())
-            try:
-                done, _ = await asyncio.wait({receiving}, timeout=max(0.0, left))
-            finally:
-                if not receiving.done():
-                    receiving.cancel()
-            if not done:
-                raise SessionLimitError(
-                    "the session reached its maximum length of "
-                    f"{settings.realtime_max_session_seconds:g} s "
-                    "(--realtime-max-session-seconds); open a new one",
-                    code="session_expired",
-                )
-            message = receiving.result()
+            message = await socket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             data = message.get("text")
@@ -182,6 +175,21 @@ def build_realtime_routes(runtime: Runtime) -> list[Any]:
                 )
                 continue
             await session.handle(data)
+
+    async def serve_until_expired(
+        socket: WebSocket[Any, Any, Any], session: RealtimeSession
+    ) -> None:
+        """The whole session is timed, not only its reads: a session stalled on sending
+        (a client that stops reading) ends at its deadline too."""
+        seconds = settings.realtime_max_session_seconds
+        try:
+            await asyncio.wait_for(serve(socket, session), seconds)
+        except asyncio.TimeoutError:
+            raise SessionLimitError(
+                f"the session reached its maximum length of {seconds:g} s "
+                "(--realtime-max-session-seconds); open a new one",
+                code="session_expired",
+            ) from None
 
     @websocket("/v1/realtime", opt={OWN_AUTH: True})
     async def realtime(socket: WebSocket[Any, Any, Any]) -> None:
@@ -217,7 +225,7 @@ def build_realtime_routes(runtime: Runtime) -> list[Any]:
         close_code, reason = CLOSE_NORMAL, ""
         try:
             await writer.emit(wire.SessionCreated(session=session.wire_session()))
-            await serve(socket, session)
+            await serve_until_expired(socket, session)
         except SessionLimitError as limit:
             await writer.emit(wire.ErrorEvent(error=error_detail(limit)))
             close_code, reason = CLOSE_POLICY, limit.code or ""

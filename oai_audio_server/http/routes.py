@@ -50,11 +50,11 @@ def build_routes(runtime: Runtime) -> list[Any]:
         record = current_record(request.scope)  # gets tokens and TTFT for logs and metrics
         if chat_request.stream:
             record.stream = True
-            handle = chat.submit(prepared)
+            handles = chat.submit(prepared)
             options = chat_request.stream_options
             events = chat.stream(
                 prepared,
-                handle,
+                handles,
                 include_usage=bool(options and options.include_usage),
                 observer=record,
             )

@@ -82,6 +82,7 @@ async def _from_form(
         for part in parts
         if part.name in ("timestamp_granularities[]", "timestamp_granularities")
     ]
+    include = [part.text() for part in parts if part.name in ("include[]", "include")]
     options = TranscriptionOptions.from_fields(
         task,
         model=_text_field(parts, "model"),
@@ -91,6 +92,7 @@ async def _from_form(
         temperature=_text_field(parts, "temperature"),
         stream=_text_field(parts, "stream"),
         timestamp_granularities=granularities,
+        include=include,
     )
     upload = next((part for part in parts if part.name == "file"), None)
     if upload is None:
@@ -117,6 +119,7 @@ async def _from_json(
         temperature=body.temperature,
         stream=body.stream,
         timestamp_granularities=body.timestamp_granularities,
+        include=body.include,
     )
     audio = body.input_audio
     data = decoded.long_strings.resolve(audio.data)

@@ -44,12 +44,13 @@ def store_kv(
 def gather_rows(
     cache_layer: torch.Tensor, block_tables: torch.Tensor, kv_len: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the first ``kv_len`` positions of each row, as
-    [rows, kv_heads, kv_len, head_dim] (kv_len a multiple of the block size)."""
-    blocks = block_tables[:, : kv_len // block_size]
-    offsets = torch.arange(block_size, device=blocks.device)
-    slots = (blocks[:, :, None] * block_size + offsets).reshape(blocks.shape[0], -1)
-    kv = cache_layer[slots]  # [rows, kv_len, 2, kv_heads, head_dim]
+    """Keys and values of the first ``kv_len`` positions (a multiple of the block size)
+    of each row, as [rows, kv_heads, kv_len, head_dim]: whole blocks are copied with one
+    index_select (on a CPU several times faster than indexing position by position)."""
+    rows = block_tables.shape[0]
+    blocks = block_tables[:, : kv_len // block_size].reshape(-1)
+    per_block = cache_layer.view(-1, block_size, *cache_layer.shape[1:])
+    kv = per_block.index_select(0, blocks).view(rows, kv_len, *cache_layer.shape[1:])
     return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
 

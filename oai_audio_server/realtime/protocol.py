@@ -172,11 +172,34 @@ class ItemCreateEvent(Struct, frozen=True):
     event_id: str | None = None
 
 
+class ItemReference(Struct, frozen=True, tag="item_reference", tag_field="type"):
+    """An existing item of the session, named in ``response.input``."""
+
+    id: str
+
+
+class InputMessage(Struct, frozen=True, tag="message", tag_field="type"):
+    """A message item given inline in ``response.input`` (the fields of a
+    ``conversation.item.create`` item)."""
+
+    role: Literal["user", "assistant", "system"]
+    content: list[ContentPart]
+    id: str | None = None
+
+    def as_item(self) -> MessageItem:
+        return MessageItem(role=self.role, content=self.content, id=self.id)
+
+
 class ResponseParams(Struct, frozen=True):
     instructions: str | None = None
     max_output_tokens: int | str | None = None
     output_modalities: list[str] | None = None
+    # "auto" (or absent): the answer joins the default conversation; "none": an
+    # out-of-band response whose answer is added to no conversation.
     conversation: str | None = None
+    # Present: the response's whole context (a new one, not the default conversation).
+    input: list[InputMessage | ItemReference] | None = None
+    metadata: dict[str, str] | None = None
     # Not in OpenAI's GA schema (its beta had it): a server extension, so that a client
     # can ask for greedy answers as it can from chat completions.
     temperature: float | None = None
@@ -192,6 +215,20 @@ class ResponseCancelEvent(Struct, frozen=True):
     event_id: str | None = None
 
 
+class ItemIdEvent(Struct, frozen=True):
+    """conversation.item.retrieve and conversation.item.delete."""
+
+    item_id: str
+    event_id: str | None = None
+
+
+class ItemTruncateEvent(Struct, frozen=True):
+    item_id: str
+    content_index: int
+    audio_end_ms: int
+    event_id: str | None = None
+
+
 CLIENT_EVENTS: dict[str, type[Struct]] = {
     "session.update": SessionUpdateEvent,
     "input_audio_buffer.append": AppendEvent,
@@ -200,6 +237,9 @@ CLIENT_EVENTS: dict[str, type[Struct]] = {
     "conversation.item.create": ItemCreateEvent,
     "response.create": ResponseCreateEvent,
     "response.cancel": ResponseCancelEvent,
+    "conversation.item.retrieve": ItemIdEvent,
+    "conversation.item.delete": ItemIdEvent,
+    "conversation.item.truncate": ItemTruncateEvent,
 }
 CLIENT_DECODERS = {name: msgspec.json.Decoder(kind) for name, kind in CLIENT_EVENTS.items()}
 HEAD_DECODER = msgspec.json.Decoder(EventHead)
@@ -266,6 +306,14 @@ class ItemAdded(ServerEvent, frozen=True, tag="conversation.item.added"):
 class ItemDone(ServerEvent, frozen=True, tag="conversation.item.done"):
     item: MessageItem
     previous_item_id: str | None
+
+
+class ItemRetrieved(ServerEvent, frozen=True, tag="conversation.item.retrieved"):
+    item: MessageItem
+
+
+class ItemDeleted(ServerEvent, frozen=True, tag="conversation.item.deleted"):
+    item_id: str
 
 
 class TranscriptionDelta(

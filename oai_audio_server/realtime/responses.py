@@ -1,9 +1,12 @@
 """Responses of a conversation session: the items as chat messages, through the chat
 completions' own rules and prompt builder, into the engine, and back as response events.
 
-One response runs at a time, in a task of its own, so that client events keep being read
-while it is written (``response.cancel`` among them). Cancelling it frees its engine row
-at once and still ends it with ``response.done`` (status ``cancelled``).
+Each response runs in a task of its own, so that client events keep being read while it
+is written (``response.cancel`` among them). One at a time writes to the default
+conversation; out-of-band ones (``conversation: "none"``, their answer added to no
+conversation) may run beside it, and ``response.input`` gives a response a context of its
+own instead of the default conversation. Cancelling a response frees its engine row at
+once and still ends it with ``response.done`` (status ``cancelled``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Literal
 import msgspec
 
 from oai_audio_server.audio.types import PreparedAudio
-from oai_audio_server.chat.messages import AudioBudget, to_conversation
+from oai_audio_server.chat.messages import AudioBudget, AudioPart, to_conversation
 from oai_audio_server.chat.service import sampling_params, text_interval
 from oai_audio_server.engine.types import (
     Failed,
@@ -42,6 +45,10 @@ from oai_audio_server.settings import Settings
 from oai_audio_server.sse import next_events
 
 Emit = Callable[[wire.ServerEvent], Awaitable[None]]
+# Responses one session may run at once: the default conversation's and out-of-band ones
+# (conversation "none"); each holds an engine row, so one session cannot fill the batch.
+MAX_ACTIVE_RESPONSES = 4
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 
 
 def output_tokens(value: int | str | None, param: str, settings: Settings) -> int | None:
@@ -66,6 +73,20 @@ class Item:
     parts: list[wire.ContentPart]
     audio: dict[int, asyncio.Task[PreparedAudio]] = field(default_factory=dict)
     status: Literal["completed", "incomplete", "in_progress"] = "completed"
+    seconds: float = 0.0  # of audio, over all its parts
+
+    def discard(self) -> None:
+        """Stop decoding its audio (an item refused after its parts were read)."""
+        for decode in self.audio.values():
+            decode.cancel()
+
+    @property
+    def audio_count(self) -> int:
+        return len(self.audio)
+
+    @property
+    def text_chars(self) -> int:
+        return sum(len(part.text or "") for part in self.parts)
 
     def wire(self) -> wire.MessageItem:
         # Audio is never echoed back: the client has it, and it can be megabytes.
@@ -75,32 +96,66 @@ class Item:
 
 @dataclass
 class ActiveResponse:
-    id: str
-    task: asyncio.Task[None]
+    state: _ResponseState
+    in_conversation: bool  # its answer joins the default conversation
+    context: list[Item] | None  # response.input; None: the default conversation
+    task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
+    started: bool = False  # its task has begun (a task cancelled before that runs nothing)
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's limits on ``metadata``: 16 pairs, keys of 64 and values of 512 chars."""
+    if metadata is None:
+        return
+    if len(metadata) > METADATA_PAIRS:
+        raise invalid(
+            f"metadata holds {len(metadata)} pairs; at most {METADATA_PAIRS} are allowed",
+            "response.metadata",
+        )
+    for key, value in metadata.items():
+        if len(key) > METADATA_KEY_CHARS or len(value) > METADATA_VALUE_CHARS:
+            raise invalid(
+                f"metadata keys may hold {METADATA_KEY_CHARS} characters and values "
+                f"{METADATA_VALUE_CHARS}; {key[:80]!r} is longer",
+                f"response.metadata.{key[:80]}",
+            )
 
 
 class Responder:
-    def __init__(self, settings: Settings, runtime: Runtime, items: list[Item], emit: Emit) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        items: list[Item],
+        emit: Emit,
+        conversation_id: str,
+    ) -> None:
         self._settings = settings
         self._runtime = runtime
-        self._items = items  # the session's conversation, shared
+        self._items = items  # the session's default conversation, shared
         self._emit = emit
-        self._response: ActiveResponse | None = None
+        self._conversation_id = conversation_id
+        self._active: dict[str, ActiveResponse] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # also those still sending their end
 
     @property
     def active(self) -> bool:
-        return self._response is not None
+        """A response that writes to the default conversation is running."""
+        return self._default() is not None
+
+    def _default(self) -> ActiveResponse | None:
+        return next((r for r in self._active.values() if r.in_conversation), None)
 
     async def _messages(
-        self, instructions: str | None
+        self, instructions: str | None, items: list[Item]
     ) -> tuple[list[ChatMessage], dict[str, PreparedAudio]]:
-        """The conversation as chat messages, for the chat completions' own rules."""
+        """The items as chat messages, for the chat completions' own rules."""
         messages: list[ChatMessage] = []
         audio: dict[str, PreparedAudio] = {}
         if instructions:
             messages.append(ChatMessage(role="system", content=instructions))
-        for item in self._items:
+        for item in items:
             if item.role != "user":
                 text = "".join(part.text or "" for part in item.parts)
                 messages.append(ChatMessage(role=item.role, content=text))
@@ -116,20 +171,38 @@ class Responder:
             messages.append(ChatMessage(role="user", content=content))  # type: ignore[arg-type]
         return messages, audio
 
-    def start(
+    async def start(
         self,
         params: wire.ResponseParams,
         model: str,
         instructions: str | None,
         max_output_tokens: int | None,
+        context: list[Item] | None = None,
     ) -> None:
-        if self._response is not None:
+        """Check ``response.create`` and start the response (``context``: the items of
+        ``response.input``, already resolved; None for the default conversation)."""
+        if params.conversation not in (None, "auto", "none"):
+            raise invalid(
+                f"conversation {params.conversation!r} is not supported: use 'auto' (the "
+                "default conversation) or 'none' (an out-of-band response)",
+                "response.conversation",
+            )
+        in_conversation = params.conversation != "none"
+        current = self._default()
+        if in_conversation and current is not None:
             raise invalid(
                 f"Conversation already has an active response in progress: "
-                f"{self._response.id}. Wait until the response is finished before creating "
-                "a new one.",
+                f"{current.state.id}. Wait until the response is finished before creating "
+                "a new one (or create it with conversation 'none').",
                 None,
                 "conversation_already_has_active_response",
+            )
+        if len(self._active) >= MAX_ACTIVE_RESPONSES:
+            raise invalid(
+                f"this session already runs {MAX_ACTIVE_RESPONSES} responses, the most it "
+                "may at once; wait for one to finish (response.done) or cancel one",
+                None,
+                "too_many_active_responses",
             )
         if params.output_modalities not in (None, ["text"]):
             raise invalid(
@@ -137,6 +210,7 @@ class Responder:
                 "response.output_modalities",
                 "unsupported_value",
             )
+        check_metadata(params.metadata)
         max_tokens = max_output_tokens
         if params.max_output_tokens is not None:
             max_tokens = output_tokens(
@@ -147,17 +221,31 @@ class Responder:
         temperature = params.temperature
         if temperature is not None and not 0.0 <= temperature <= 2.0:
             raise invalid("temperature must be between 0 and 2", "response.temperature")
-        response_id = wire.new_id("resp")
-        task = asyncio.ensure_future(
-            self._respond(response_id, model, instructions, max_tokens, temperature)
+        item = Item(wire.new_id("item"), "assistant", [], status="in_progress")
+        state = _ResponseState(
+            wire.new_id("resp"),
+            item,
+            max_tokens,
+            conversation_id=self._conversation_id if in_conversation else None,
+            metadata=params.metadata,
         )
-        self._response = ActiveResponse(response_id, task)
+        # Sent before the task exists, so that a response cancelled before its task ever
+        # runs still reads created -> done.
+        await self._emit(wire.ResponseCreated(response=state.wire("in_progress", [])))
+        response = ActiveResponse(state, in_conversation, context)
+        response.task = asyncio.ensure_future(
+            self._respond(response, model, instructions, max_tokens, temperature)
+        )
+        self._active[state.id] = response
+        self._tasks.add(response.task)
+        response.task.add_done_callback(self._tasks.discard)
 
     async def cancel(
         self, response_id: str | None, reason: str = "client_cancelled", quiet: bool = False
     ) -> None:
-        active = self._response
-        if active is None or (response_id is not None and response_id != active.id):
+        """Cancel ``response_id``, or without one the default conversation's response."""
+        target = self._active.get(response_id) if response_id else self._default()
+        if target is None or target.task is None:
             if quiet:
                 return
             raise invalid(
@@ -166,22 +254,32 @@ class Responder:
                 "response_id" if response_id else None,
                 "response_cancel_not_active",
             )
-        active.cancel_reason = reason
-        active.task.cancel()
+        target.cancel_reason = reason
+        target.task.cancel()
         # The response ends (response.done, its row freed) before the next event is read.
-        await asyncio.wait({active.task})
+        await asyncio.wait({target.task})
+        if not target.started:
+            # Cancelled before its first step (a VAD turn that ended and a new one that
+            # began in the same append): the coroutine never ran, so end it here.
+            self._active.pop(target.state.id, None)
+            target.state.status, target.state.reason = "cancelled", reason
+            await self._finish(target)
 
     async def _prepare_generation(
         self,
-        response_id: str,
+        response: ActiveResponse,
         model: str,
         instructions: str | None,
         max_tokens: int | None,
         temperature: float | None,
     ) -> GenerationRequest:
-        messages, audio = await self._messages(instructions)
+        items = response.context
+        if items is None:
+            # An answer still being written (by another response) is not context yet.
+            items = [item for item in self._items if item.status != "in_progress"]
+        messages, audio = await self._messages(instructions, items)
 
-        async def load(part: InputAudioPart | AudioURLPart) -> PreparedAudio:
+        async def load(part: AudioPart) -> PreparedAudio:
             assert isinstance(part, InputAudioPart)
             return audio[part.input_audio.data]
 
@@ -197,7 +295,7 @@ class Responder:
         )
         sampling = sampling_params(request, runtime.bundle, self._settings, len(prompt.token_ids))
         return GenerationRequest(
-            request_id=response_id,
+            request_id=response.state.id,
             prompt_ids=prompt.token_ids,
             audio=prompt.audio_segments,
             sampling=sampling,
@@ -207,48 +305,47 @@ class Responder:
 
     async def _respond(
         self,
-        response_id: str,
+        response: ActiveResponse,
         model: str,
         instructions: str | None,
         max_tokens: int | None,
         temperature: float | None,
     ) -> None:
-        item = Item(wire.new_id("item"), "assistant", [], status="in_progress")
-        state = _ResponseState(response_id, item, max_tokens)
+        response.started = True
+        state = response.state
         handle: GenerationHandle | None = None
         try:
-            await self._emit(wire.ResponseCreated(response=state.wire("in_progress", [])))
             generation = await self._prepare_generation(
-                response_id, model, instructions, max_tokens, temperature
+                response, model, instructions, max_tokens, temperature
             )
             handle = self._runtime.submit(generation)
-            await self._open_output(state)
+            await self._open_output(response)
             await self._stream_text(state, handle)
         except asyncio.CancelledError:
-            active = self._response
-            if active is None or active.cancel_reason is None:
+            if response.cancel_reason is None:
                 raise  # the session is closing: nobody to tell
-            state.status, state.reason = "cancelled", active.cancel_reason
+            state.status, state.reason = "cancelled", response.cancel_reason
         except Exception as exc:
             error = exc if isinstance(exc, APIError) else EngineError(f"response failed: {exc}")
             state.status, state.error = "failed", error
         finally:
             if handle is not None:
                 handle.cancel()  # at once: the row leaves the batch
-            if self._response is not None and self._response.id == response_id:
-                self._response = None
-        await self._finish(state)
+            self._active.pop(state.id, None)
+        await self._finish(response)
 
-    async def _open_output(self, state: _ResponseState) -> None:
+    async def _open_output(self, response: ActiveResponse) -> None:
+        state = response.state
         item = state.item
-        previous = self._items[-1].id if self._items else None
-        self._items.append(item)
         state.opened = True
         await self._emit(
             wire.OutputItemAdded(response_id=state.id, output_index=0, item=item.wire())
         )
-        await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
-        state.previous = previous
+        if response.in_conversation:
+            previous = self._items[-1].id if self._items else None
+            self._items.append(item)
+            state.previous = previous
+            await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
         await self._emit(
             wire.ContentPartAdded(
                 response_id=state.id,
@@ -286,7 +383,8 @@ class Responder:
                         state.status, state.reason = "incomplete", "max_output_tokens"
                     return
 
-    async def _finish(self, state: _ResponseState) -> None:
+    async def _finish(self, response: ActiveResponse) -> None:
+        state = response.state
         item = state.item
         item.parts = [wire.ContentPart(type="output_text", text=state.text)]
         item.status = "completed" if state.status == "completed" else "incomplete"
@@ -312,14 +410,21 @@ class Responder:
             await self._emit(
                 wire.OutputItemDone(response_id=state.id, output_index=0, item=item.wire())
             )
-            await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=state.previous))
+            if response.in_conversation:
+                await self._emit(
+                    wire.ItemDone(item=item.wire(), previous_item_id=state.previous)
+                )
         output = [item.wire()] if state.opened else []
         await self._emit(wire.ResponseDone(response=state.wire(state.status, output)))
 
     async def close(self) -> None:
-        if self._response is not None:
-            self._response.task.cancel()
-            await asyncio.wait({self._response.task})
+        """Cancel every response (the session is closing: no events are sent)."""
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._active.clear()
 
 
 @dataclass
@@ -334,6 +439,8 @@ class _ResponseState:
     opened: bool = False
     previous: str | None = None
     usage: wire.ResponseUsage | None = None
+    conversation_id: str | None = None
+    metadata: dict[str, str] | None = None
 
     def wire(self, status: str, output: list[wire.MessageItem]) -> wire.Response:
         details = None
@@ -352,4 +459,6 @@ class _ResponseState:
             max_output_tokens=self.max_tokens or "inf",
             status_details=details,
             usage=self.usage,
+            conversation_id=self.conversation_id,
+            metadata=self.metadata,
         )

@@ -52,6 +52,7 @@ Kind = Literal["realtime", "transcription"]
 Emit = Callable[[wire.ServerEvent], Awaitable[None]]
 MIN_COMMIT_MS = 100  # OpenAI refuses shorter commits with the same code
 LOGPROBS = "item.input_audio_transcription.logprobs"
+TRANSCRIPTIONS_IN_FLIGHT = 4
 
 
 class RealtimeSession:
@@ -87,7 +88,9 @@ class RealtimeSession:
         self._speech_item: str | None = None  # item id announced by speech_started
         self._items: list[Item] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._responder = Responder(settings, runtime, self._items, emit)
+        self._responder = Responder(
+            settings, runtime, self._items, emit, wire.new_id("conv")
+        )
 
     # ------------------------------------------------------------ session settings
 
@@ -291,9 +294,41 @@ class RealtimeSession:
         elif isinstance(event, wire.ItemCreateEvent):
             await self._create_item(event)
         elif isinstance(event, wire.ResponseCreateEvent):
-            self._start_response(event.response)
+            await self._start_response(event.response)
         elif isinstance(event, wire.ResponseCancelEvent):
             await self._responder.cancel(event.response_id)
+        elif kind == "conversation.item.retrieve":
+            assert isinstance(event, wire.ItemIdEvent)
+            item = self._items[self._find(event.item_id, "Error retrieving item", "retrieve")]
+            await self._emit(wire.ItemRetrieved(item=item.wire()))
+        elif kind == "conversation.item.delete":
+            assert isinstance(event, wire.ItemIdEvent)
+            # Gone from the history every later response is built from. A response
+            # already running keeps the prompt it was built with.
+            del self._items[self._find(event.item_id, "Error deleting item", "delete")]
+            await self._emit(wire.ItemDeleted(item_id=event.item_id))
+        elif isinstance(event, wire.ItemTruncateEvent):
+            self._find(event.item_id, "Error truncating item", "truncate")
+            # OpenAI truncates only the audio of its own spoken answers; this model
+            # writes text, so no item here has audio to truncate.
+            raise invalid(
+                "Only model output audio messages can be truncated; this server answers in "
+                "text only, so no item has output audio (to drop an answer from the "
+                "history, use conversation.item.delete)",
+                "item_id",
+                "unsupported_content_type",
+            )
+
+    def _find(self, item_id: str, what: str, action: str) -> int:
+        """The index of ``item_id`` in the conversation, or OpenAI's error for ``action``."""
+        for index, item in enumerate(self._items):
+            if item.id == item_id:
+                return index
+        raise invalid(
+            f"{what}: the item with id {item_id!r} does not exist.",
+            "item_id",
+            f"item_{action}_invalid_item_id",
+        )
 
     # ------------------------------------------------------------ input audio
 
@@ -380,11 +415,18 @@ class RealtimeSession:
         end = self._sample(end_ms)
         samples = self._take(self._buffer_start, end)
         self._drop_before(end)
+        try:
+            self._check_turn_room(samples.shape[0])
+        except SessionLimitError:
+            raise
+        except APIError as error:  # the turn is dropped; the client is told why
+            await self.handle_error(error)
+            return
         await self._commit(samples, item_id)
         detection = self._turn_detection
         if self.kind == "realtime" and detection and detection.create_response:
             if not self._responder.active:
-                self._start_response(wire.ResponseParams())
+                await self._start_response(wire.ResponseParams())
 
     async def _commit_by_hand(self) -> None:
         buffered_ms = self._ms(self._buffered)
@@ -395,17 +437,29 @@ class RealtimeSession:
                 None,
                 "input_audio_buffer_commit_empty",
             )
+        self._check_turn_room(self._buffered)  # refused: the buffer stays as it is
         samples = self._take(self._buffer_start, self._written)
         item_id = self._speech_item or wire.new_id("item")
         self._clear_buffer()
         await self._commit(samples, item_id)
 
-    async def _commit(self, samples: np.ndarray, item_id: str) -> None:
-        previous = self._items[-1].id if self._items else None
+    def _check_turn_room(self, samples: int) -> None:
         self._check_item_room()
+        if self.kind == "realtime":  # a transcription session keeps no audio
+            self._check_conversation_room(samples / self._format.rate, 1, 0)
+
+    async def _commit(self, samples: np.ndarray, item_id: str) -> None:
+        if self._transcription is not None:
+            # At most TRANSCRIPTIONS_IN_FLIGHT turns of a session are transcribed at
+            # once (each holds an engine row); past that the session stops reading
+            # events until one is done, so a client that commits faster than they are
+            # transcribed is slowed down over TCP instead of filling the batch.
+            while len(self._tasks) >= TRANSCRIPTIONS_IN_FLIGHT:
+                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+        previous = self._items[-1].id if self._items else None
         await self._emit(wire.BufferCommitted(item_id=item_id, previous_item_id=previous))
         part = wire.ContentPart(type="input_audio", transcript=None)
-        item = Item(item_id, "user", [part])
+        item = Item(item_id, "user", [part], seconds=samples.shape[0] / self._format.rate)
         data = wav(samples, self._format.rate)
         if self.kind == "realtime":
             # The same intake (and feature cache) as chat completions' audio.
@@ -495,43 +549,133 @@ class RealtimeSession:
                 "type",
             )
         source = event.item
+        if source.id is not None and any(item.id == source.id for item in self._items):
+            raise invalid(
+                f"the conversation already holds an item with id {source.id!r}; give a new "
+                "id or leave it out",
+                "item.id",
+            )
+        # OpenAI's placement: absent (or "") appends, "root" puts the item first, an id
+        # puts it right after that item.
+        after = event.previous_item_id or None
+        if after is None:
+            index = len(self._items)
+        elif after == "root":
+            index = 0
+        else:
+            found = [i for i, item in enumerate(self._items) if item.id == after]
+            if not found:
+                raise invalid(
+                    f"Error adding item: the previous item with id {after!r} does not exist.",
+                    "previous_item_id",
+                    "item_create_invalid_previous_item_id",
+                )
+            index = found[0] + 1
+        item = self._build_item(source, "item")
+        try:
+            self._check_item_room()
+            self._check_conversation_room(item.seconds, item.audio_count, item.text_chars)
+        except APIError:
+            item.discard()
+            raise
+        previous = self._items[index - 1].id if index else None
+        self._items.insert(index, item)
+        await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
+        await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=previous))
+
+    def _build_item(self, source: wire.MessageItem, param: str) -> Item:
+        """A message item sent by the client (its audio decoding in the background)."""
         item = Item(source.id or wire.new_id("item"), source.role, [])
+        try:
+            self._read_parts(item, source, param)
+        except APIError:
+            item.discard()
+            raise
+        return item
+
+    def _read_parts(self, item: Item, source: wire.MessageItem, param: str) -> None:
         for index, part in enumerate(source.content):
-            param = f"item.content[{index}]"
+            part_param = f"{param}.content[{index}]"
             allowed = ("input_text", "input_audio") if source.role == "user" else (
                 ("output_text", "text") if source.role == "assistant" else ("input_text",)
             )
             if part.type not in allowed:
                 raise invalid(
                     f"{source.role} items may hold {', '.join(allowed)} parts, not {part.type!r}",
-                    f"{param}.type",
+                    f"{part_param}.type",
                 )
             if part.type == "input_audio":
                 samples = decode_chunk(part.audio or "", self._format, self._room_bytes())
-                data = wav(samples, self._format.rate)
-                item.audio[index] = self._decode_audio(data)
+                if samples.shape[0] < self._sample(MIN_COMMIT_MS):
+                    raise invalid(
+                        f"an input_audio part needs at least {MIN_COMMIT_MS} ms of audio in "
+                        "the session's input format",
+                        f"{part_param}.audio",
+                    )
+                item.seconds += samples.shape[0] / self._format.rate
+                item.audio[index] = self._decode_audio(wav(samples, self._format.rate))
                 item.parts.append(wire.ContentPart(type="input_audio", transcript=part.transcript))
             else:
                 item.parts.append(wire.ContentPart(type=part.type, text=part.text or ""))
-        previous = self._items[-1].id if self._items else None
-        if event.previous_item_id not in (None, previous):
+
+    def _check_conversation_room(self, seconds: float, audios: int, chars: int) -> None:
+        """What the default conversation may hold: every response's prompt is built from
+        all of it, so a response could not use more audio than one chat request may send
+        (--max-audio-seconds, --max-audios-per-request), nor more text than a request
+        body holds (--max-body-bytes). Refused before it is kept, so that no session can
+        pile up memory its responses could never use; the error says how to make room."""
+        settings = self._settings
+        held_seconds = sum(item.seconds for item in self._items)
+        held_audios = sum(item.audio_count for item in self._items)
+        held_chars = sum(item.text_chars for item in self._items)
+        fix = "delete older items (conversation.item.delete) or start a new session"
+        if seconds and held_seconds + seconds > settings.max_audio_seconds:
             raise invalid(
-                "items can only be added at the end of the conversation here; leave "
-                "previous_item_id out or give the last item's id",
-                "previous_item_id",
+                f"the conversation holds {held_seconds:.1f} s of audio; {seconds:.1f} s more "
+                f"would pass this server's limit of {settings.max_audio_seconds:g} s "
+                f"(--max-audio-seconds) for one response's prompt: {fix}",
+                None,
+                "audio_too_long",
             )
-        self._check_item_room()
-        self._items.append(item)
-        await self._emit(wire.ItemAdded(item=item.wire(), previous_item_id=previous))
-        await self._emit(wire.ItemDone(item=item.wire(), previous_item_id=previous))
+        if audios and held_audios + audios > settings.max_audios_per_request:
+            raise invalid(
+                f"the conversation holds {held_audios} audio items, the most one response's "
+                f"prompt may (--max-audios-per-request): {fix}",
+                None,
+                "too_many_audio_items",
+            )
+        if chars and held_chars + chars > settings.max_body_bytes:
+            raise invalid(
+                f"the conversation's text would pass {settings.max_body_bytes} characters, "
+                f"the most one chat request may send (--max-body-bytes): {fix}",
+                None,
+                "conversation_too_long",
+            )
 
     # ------------------------------------------------------------ life cycle
 
-    def _start_response(self, params: wire.ResponseParams) -> None:
+    async def _start_response(self, params: wire.ResponseParams) -> None:
         if self.kind != "realtime":
             raise invalid("transcription sessions write no responses", "type")
-        self._responder.start(
-            params, self._model, self._instructions, self._max_output_tokens
+        context = None
+        if params.input is not None:
+            # A context of its own: the items given inline (kept only for this response)
+            # and references to items of the session, looked up now.
+            context = []
+            for index, entry in enumerate(params.input):
+                param = f"response.input[{index}]"
+                if isinstance(entry, wire.ItemReference):
+                    found = [item for item in self._items if item.id == entry.id]
+                    if not found:
+                        raise invalid(
+                            f"the item with id {entry.id!r} does not exist in this session",
+                            f"{param}.id",
+                        )
+                    context.append(found[0])
+                else:
+                    context.append(self._build_item(entry.as_item(), param))
+        await self._responder.start(
+            params, self._model, self._instructions, self._max_output_tokens, context
         )
 
     async def close(self) -> None:

@@ -11,6 +11,8 @@ import math
 import zlib
 from dataclasses import dataclass
 
+from msgspec import UNSET
+
 from oai_audio_server.protocol import json_encoder
 from oai_audio_server.transcription.prompts import Task
 from oai_audio_server.transcription.protocol import (
@@ -18,6 +20,7 @@ from oai_audio_server.transcription.protocol import (
     Transcription,
     TranscriptionSegment,
     TranscriptionVerbose,
+    TranscriptLogprob,
     UsageDuration,
 )
 
@@ -31,6 +34,8 @@ class TimedSegment:
     text: str
     tokens: tuple[int, ...] = ()
     seek: int = 0  # start of its 30 s audio window, in 10 ms frames (as Whisper counts)
+    avg_logprob: float = 0.0  # see transcription/confidence.py
+    no_speech_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class TranscriptResult:
     text: str
     segments: tuple[TimedSegment, ...]
     temperature: float = 0.0
+    logprobs: tuple[TranscriptLogprob, ...] | None = None  # include[]=logprobs
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,9 @@ def verbose_json(result: TranscriptResult) -> TranscriptionVerbose:
                 text=segment.text,
                 tokens=list(segment.tokens),
                 temperature=result.temperature,
-                # The engine reports no log-probabilities; these neutral values never
-                # trip the thresholds clients use to drop "failed" or silent segments.
-                avg_logprob=0.0,
+                avg_logprob=segment.avg_logprob,
                 compression_ratio=compression_ratio(segment.text),
-                no_speech_prob=0.0,
+                no_speech_prob=segment.no_speech_prob,
             )
             for index, segment in enumerate(result.segments)
         ],
@@ -154,7 +158,10 @@ def vtt(result: TranscriptResult) -> str:
 
 def render(result: TranscriptResult, response_format: ResponseFormat) -> RenderedBody:
     if response_format == "json":
-        body = Transcription(text=result.text, usage=usage_of(result))
+        body = Transcription(
+            text=result.text, usage=usage_of(result),
+            logprobs=list(result.logprobs) if result.logprobs is not None else UNSET,
+        )
         return RenderedBody(json_encoder.encode(body), "application/json")
     if response_format == "verbose_json":
         return RenderedBody(json_encoder.encode(verbose_json(result)), "application/json")

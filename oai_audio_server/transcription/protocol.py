@@ -12,7 +12,7 @@ import re
 from typing import Literal, cast
 
 import msgspec
-from msgspec import Struct
+from msgspec import UNSET, Struct, UnsetType
 
 from oai_audio_server.errors import InvalidRequestError
 from oai_audio_server.protocol import InputAudio
@@ -38,6 +38,7 @@ class TranscriptionJSONRequest(Struct, frozen=True):
     temperature: float | None = None
     stream: bool | None = None
     timestamp_granularities: list[str] | None = None
+    include: list[str] | None = None
 
 
 class TranscriptionOptions(Struct, frozen=True):
@@ -51,6 +52,7 @@ class TranscriptionOptions(Struct, frozen=True):
     temperature: float = 0.0
     stream: bool = False
     timestamp_granularities: tuple[str, ...] = ()
+    include_logprobs: bool = False  # include[]=logprobs
 
     @classmethod
     def from_fields(
@@ -64,6 +66,7 @@ class TranscriptionOptions(Struct, frozen=True):
         temperature: str | float | None = None,
         stream: str | bool | None = None,
         timestamp_granularities: list[str] | None = None,
+        include: list[str] | None = None,
     ) -> TranscriptionOptions:
         if not model or not model.strip():
             raise InvalidRequestError("the model field is required", param="model")
@@ -74,6 +77,7 @@ class TranscriptionOptions(Struct, frozen=True):
                 "timestamp_granularities[] needs response_format verbose_json",
                 param="timestamp_granularities",
             )
+        include_logprobs = _include_logprobs(include or [], response, _boolean(stream, "stream"))
         return cls(
             task=task,
             model=model.strip(),
@@ -83,7 +87,24 @@ class TranscriptionOptions(Struct, frozen=True):
             temperature=_temperature(temperature),
             stream=_boolean(stream, "stream"),
             timestamp_granularities=granularities,
+            include_logprobs=include_logprobs,
         )
+
+
+def _include_logprobs(values: list[str], response: ResponseFormat, stream: bool) -> bool:
+    """``include[]=logprobs``: as OpenAI, on ``json`` replies and streams only."""
+    for value in values:
+        if value != "logprobs":
+            raise InvalidRequestError(
+                f"include[] values must be 'logprobs', not {value!r}", param="include"
+            )
+    if values and response != "json" and not stream:
+        raise InvalidRequestError(
+            "include[]=logprobs needs response_format json (or a stream); verbose_json "
+            "reports avg_logprob per segment instead",
+            param="include",
+        )
+    return bool(values)
 
 
 def _language(value: str | None) -> str | None:
@@ -167,11 +188,20 @@ class UsageTokens(Struct, frozen=True):
     type: Literal["tokens"] = "tokens"
 
 
+class TranscriptLogprob(Struct, frozen=True):
+    """One token of ``include[]=logprobs`` (gpt-4o-transcribe's shape)."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
 class Transcription(Struct, frozen=True):
     """``response_format=json`` (also the shape of a translation)."""
 
     text: str
     usage: UsageDuration
+    logprobs: list[TranscriptLogprob] | UnsetType = UNSET  # with include[]=logprobs
 
 
 class TranscriptionSegment(Struct, frozen=True):
@@ -199,12 +229,14 @@ class TranscriptionVerbose(Struct, frozen=True):
 class TranscriptTextDeltaEvent(Struct, frozen=True):
     delta: str
     type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    logprobs: list[TranscriptLogprob] | UnsetType = UNSET
 
 
 class TranscriptTextDoneEvent(Struct, frozen=True):
     text: str
     usage: UsageTokens
     type: Literal["transcript.text.done"] = "transcript.text.done"
+    logprobs: list[TranscriptLogprob] | UnsetType = UNSET
 
 
 transcription_json_decoder = msgspec.json.Decoder(TranscriptionJSONRequest)

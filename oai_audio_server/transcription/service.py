@@ -13,7 +13,7 @@ import time
 import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from oai_audio_server.audio.types import AudioSegmentFeatures, PreparedAudio
 from oai_audio_server.chat.observer import GenerationObserver
@@ -26,6 +26,7 @@ from oai_audio_server.engine.types import (
     GenerationRequest,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
 )
 from oai_audio_server.errors import (
     APIError,
@@ -36,6 +37,11 @@ from oai_audio_server.protocol import Usage, json_encoder
 from oai_audio_server.runtime import Runtime
 from oai_audio_server.settings import Settings, limit_name
 from oai_audio_server.sse import DONE, KEEPALIVE, next_events, sse_event
+from oai_audio_server.transcription.confidence import (
+    mean_logprob,
+    silent_share,
+    token_logprobs,
+)
 from oai_audio_server.transcription.formats import TimedSegment, TranscriptResult
 from oai_audio_server.transcription.prompts import (
     language_name,
@@ -98,6 +104,14 @@ class TokenTally:
     input_tokens: int = 0
     output_tokens: int = 0
     last_char: str = ""
+    # Every token's log probability (when the engine was asked for them), and those of
+    # the tokens whose text has not been handed out yet.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    unsent: list[TokenLogprob] = field(default_factory=list)
+
+    def take_unsent(self) -> list[TokenLogprob]:
+        taken, self.unsent = self.unsent, []
+        return taken
 
 
 def join_segment_texts(texts: Iterable[str]) -> str:
@@ -198,22 +212,26 @@ class TranscriptionService:
                 request_id=f"{request_id}-{index}",
                 prompt_ids=prompt.token_ids,
                 audio=prompt.audio_segments,
-                sampling=self._sampling(bundle, len(prompt.token_ids), options.temperature),
+                sampling=self._sampling(bundle, len(prompt.token_ids), options),
                 deadline=deadline,
                 text_interval=text_interval(self._settings, options.stream),
             )
             jobs.append(SegmentJob(generation, segment, prompt.audio_token_count))
         return PreparedTranscription(options, audio, tuple(jobs))
 
-    def _sampling(self, bundle: ModelBundle, prompt_len: int, temperature: float) -> SamplingParams:
+    def _sampling(
+        self, bundle: ModelBundle, prompt_len: int, options: TranscriptionOptions
+    ) -> SamplingParams:
         room = room_after_prompt(bundle, prompt_len, param="prompt", fix="send a shorter prompt")
         defaults = bundle.defaults
         return SamplingParams(
             max_tokens=min(defaults.max_new_tokens, self._settings.max_tokens_limit, room),
-            temperature=temperature,
+            temperature=options.temperature,
             top_p=defaults.top_p,
             top_k=defaults.top_k,
             repetition_penalty=defaults.repetition_penalty,
+            # verbose_json's avg_logprob and include[]=logprobs read them.
+            logprobs=options.response_format == "verbose_json" or options.include_logprobs,
         )
 
     def submit(self, prepared: PreparedTranscription) -> list[GenerationHandle]:
@@ -228,16 +246,19 @@ class TranscriptionService:
         observer: GenerationObserver | None = None,
     ) -> TranscriptResult:
         raws: list[str] = []
+        logprobs: list[list[TokenLogprob]] = []
         prompt_tokens = completion_tokens = 0
         try:
             for handle in handles:
                 parts: list[str] = []
+                logprobs.append([])
                 while True:
                     event = await handle.next_event()
                     if isinstance(event, TextDelta):
                         if observer is not None and not raws and not parts:
                             observer.first_token()
                         parts.append(event.text)
+                        logprobs[-1].extend(event.logprobs)
                     elif isinstance(event, Failed):
                         raise event.error
                     else:
@@ -249,17 +270,23 @@ class TranscriptionService:
             for handle in handles:
                 handle.cancel()
         _report(observer, prepared, prompt_tokens, completion_tokens)
-        return self.result(prepared, raws)
+        return self.result(prepared, raws, logprobs)
 
-    def result(self, prepared: PreparedTranscription, raws: list[str]) -> TranscriptResult:
-        """Texts and timed segments from each audio segment's raw model output."""
-        tokenizer = self._runtime.bundle.tokenizer
+    def result(
+        self, prepared: PreparedTranscription, raws: list[str],
+        logprobs: list[list[TokenLogprob]],
+    ) -> TranscriptResult:
+        """Texts and timed segments from each audio segment's raw model output, and
+        the log probabilities of its tokens."""
+        bundle = self._runtime.bundle
+        tokenizer = bundle.tokenizer
         wants_tokens = prepared.options.response_format == "verbose_json"
         segments: list[TimedSegment] = []
-        for job, raw in zip(prepared.jobs, raws, strict=True):
+        for job, raw, job_logprobs in zip(prepared.jobs, raws, logprobs, strict=True):
             audio_segment = job.segment
             length = audio_segment.end_seconds - audio_segment.start_seconds
             spans = timed_spans(raw, length) or [TimedSpan(0.0, max(length, 0.0), "")]
+            average = mean_logprob(job_logprobs)
             for span in spans:
                 tokens: tuple[int, ...] = ()
                 if span.text and wants_tokens:  # only verbose_json shows them
@@ -271,6 +298,9 @@ class TranscriptionService:
                         text=span.text,
                         tokens=tokens,
                         seek=round(audio_segment.start_seconds * FRAMES_PER_SECOND),
+                        avg_logprob=average,
+                        no_speech_prob=(silent_share(audio_segment.mel, span.start, span.end)
+                                        if wants_tokens else 0.0),
                     )
                 )
         options = prepared.options
@@ -281,6 +311,9 @@ class TranscriptionService:
             text=join_segment_texts(clean_text(raw) for raw in raws),
             segments=tuple(segments),
             temperature=options.temperature,
+            logprobs=(tuple(token_logprobs([lp for job in logprobs for lp in job],
+                                           bundle.token_bytes))
+                      if options.include_logprobs else None),
         )
 
     @staticmethod
@@ -313,7 +346,11 @@ class TranscriptionService:
                 for event in events:
                     if isinstance(event, Failed):
                         raise event.error
-                    piece = cleaner.push(event.text) if isinstance(event, TextDelta) else ""
+                    piece = ""
+                    if isinstance(event, TextDelta):
+                        piece = cleaner.push(event.text)
+                        tally.logprobs.extend(event.logprobs)
+                        tally.unsent.extend(event.logprobs)
                     if isinstance(event, Finished):
                         piece += cleaner.finish()
                         tally.input_tokens += event.prompt_tokens
@@ -355,6 +392,8 @@ class TranscriptionService:
         after the stream started is one final ``{"error": ...}`` event."""
         text = ""
         tally = TokenTally()
+        include_logprobs = prepared.options.include_logprobs
+        token_bytes = self._runtime.bundle.token_bytes
         try:
             async for piece in self.pieces(prepared, handles, tally, observer):
                 if piece is None:
@@ -362,9 +401,18 @@ class TranscriptionService:
                     continue
                 text += piece
                 delta = TranscriptTextDeltaEvent(delta=piece)
+                if include_logprobs:
+                    delta = TranscriptTextDeltaEvent(
+                        delta=piece, logprobs=token_logprobs(tally.take_unsent(), token_bytes)
+                    )
                 yield sse_event(json_encoder.encode(delta))
             usage = self.usage(prepared, tally)
-            yield sse_event(json_encoder.encode(TranscriptTextDoneEvent(text=text, usage=usage)))
+            done = TranscriptTextDoneEvent(text=text, usage=usage)
+            if include_logprobs:
+                done = TranscriptTextDoneEvent(
+                    text=text, usage=usage, logprobs=token_logprobs(tally.logprobs, token_bytes)
+                )
+            yield sse_event(json_encoder.encode(done))
         except Exception as exc:  # never a bare broken stream
             error = exc if isinstance(exc, APIError) else EngineError(f"stream failed: {exc}")
             if observer is not None:

@@ -8,8 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from oai_audio_server.chat.options import MAX_CHOICES, choice_count
 from oai_audio_server.chat.service import sampling_params
-from oai_audio_server.chat.unsupported import reject_unsupported
 from oai_audio_server.engine.loader import SamplingDefaults
 from oai_audio_server.errors import ContextLengthExceededError, InvalidRequestError
 from oai_audio_server.protocol import ChatCompletionRequest
@@ -20,7 +20,7 @@ QWEN_CHAT_DEFAULTS = SamplingDefaults(
     max_new_tokens=512,
 )
 BUNDLE: Any = SimpleNamespace(defaults=QWEN_CHAT_DEFAULTS, max_window_size=6144,
-                              max_model_len=8192)
+                              max_model_len=8192, vocab_limit=1000)
 SETTINGS = Settings(model="m", max_tokens_limit=2048)
 
 
@@ -38,7 +38,7 @@ def test_defaults_come_from_the_generation_config() -> None:
 def test_greedy_checkpoint_defaults_to_temperature_zero() -> None:
     greedy: Any = SimpleNamespace(
         defaults=SamplingDefaults(False, 0.7, 1.0, 0, 1.0, 64),
-        max_window_size=6144, max_model_len=8192,
+        max_window_size=6144, max_model_len=8192, vocab_limit=1000,
     )
     assert sampling_params(req(), greedy, SETTINGS, 10).greedy
 
@@ -56,7 +56,7 @@ def test_request_fields_win() -> None:
 
 def test_default_max_tokens_shrinks_to_the_room_left() -> None:
     short: Any = SimpleNamespace(defaults=QWEN_CHAT_DEFAULTS, max_window_size=6144,
-                                 max_model_len=6300)
+                                 max_model_len=6300, vocab_limit=1000)
     assert sampling_params(req(), short, SETTINGS, prompt_len=6000).max_tokens == 300
 
 
@@ -71,8 +71,40 @@ def test_limits() -> None:
         sampling_params(req(max_tokens=5000), BUNDLE, SETTINGS, prompt_len=10)
     assert error.value.param == "max_tokens"
     with pytest.raises(InvalidRequestError) as error:
-        reject_unsupported(req(n=2))  # before any audio is decoded
+        choice_count(req(n=MAX_CHOICES + 1))  # before any audio is decoded
     assert error.value.param == "n"
+    assert choice_count(req(n=MAX_CHOICES)) == MAX_CHOICES
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"1000": 1}}, "logit_bias"),  # past the vocabulary
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+])
+def test_generation_options_that_cannot_be_honoured(fields: dict, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as error:
+        sampling_params(req(**fields), BUNDLE, SETTINGS, prompt_len=10)
+    assert error.value.param == param
+
+
+def test_generation_options_reach_the_engine() -> None:
+    params = sampling_params(
+        req(presence_penalty=0.5, frequency_penalty=-1, logit_bias={"7": -100, "9": 2.5},
+            logprobs=True, top_logprobs=4,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "object", "properties": {"b": {}, "a": {}}}}}),
+        BUNDLE, SETTINGS, prompt_len=10,
+    )
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.logit_bias == ((7, -100.0), (9, 2.5))
+    assert params.logprobs and params.top_logprobs == 4
+    assert params.grammar is not None and params.grammar.kind == "json_schema"
+    assert params.grammar.schema.index('"b"') < params.grammar.schema.index('"a"')
+    assert sampling_params(req(response_format={"type": "text"}), BUNDLE, SETTINGS,
+                           prompt_len=10).grammar is None
 
 
 def test_top_k_past_a_32_bit_int_is_a_400_naming_the_field() -> None:
