@@ -111,6 +111,11 @@ def run_mode(model_dir: Path, scratch: Path, flag: str, args: argparse.Namespace
     out = Run(turns=[[] for _ in range(args.turns)])
     lock = threading.Lock()
     with running_server(model_dir, scratch, *flags) as server:
+        # Not timed: the first request of a server pays for warming up (allocator,
+        # kernels, audio decoder), which would land on whichever mode runs first.
+        with httpx.Client(base_url=server.api_url, timeout=600) as client:
+            warm = audio_part(wav_bytes(tone(1.0, 100.0)))
+            streamed_turn(client, [{"role": "user", "content": [warm]}], 2)
         started = time.perf_counter()
         threads = [threading.Thread(target=conversation, args=(server, i, args, out, lock))
                    for i in range(args.conversations)]
