@@ -174,7 +174,11 @@ def test_evictions_under_a_small_cache_change_no_answer_and_return_every_block(
     assert_same(outcomes, expected)
     cached = [o.finished.cached_tokens for o in outcomes]
     assert cached[1] == matchable(length)  # nothing evicted yet
-    assert cached[4] < matchable(length)  # b and c evicted a's audio blocks
+    assert cached[4] < matchable(length)  # b and c evicted a's later blocks first
+    # ... so it starts inside its audio: the rest of the span from the encoder's output.
+    start_id = bundle.tokenizer.audio_start_id  # type: ignore[attr-defined]
+    audio_start = first_audio_position(requests[0], start_id)
+    assert audio_start < cached[4] < audio_start + voice.segments[0].token_count + 2
     assert stats["kv_blocks_cached"] <= stats["kv_blocks_total"] == 24
     assert stats["kv_blocks_free"] == 24 and stats["failed"] == 0
 
