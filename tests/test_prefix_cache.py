@@ -299,3 +299,28 @@ def test_the_choices_of_a_cached_prompt_share_its_blocks(
     assert [o.finished.cached_tokens for o in outcomes] == [cached] * 3
     assert stats["prefix_cache_hit_tokens"] == cached  # the choices' one prefill
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_embedding_from_a_start_equals_the_tail_and_skips_cached_audio(
+    bundle: ModelBundle, builder: QwenPromptBuilder, voice: PreparedAudio,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``embed_prompts(..., starts)``: from inside an audio span, the tail of the whole
+    prompt's embeddings; from past the audio, the same without running the encoder."""
+    model = bundle.model
+    assert model is not None
+    prompt = request(builder, "e", AudioItem(voice), TextItem("Describe it")).prompt_ids
+    audio = list(voice.segments)
+    (span,) = model.audio_spans(prompt, audio)
+    whole = model.embed_prompts([prompt], [audio])[0]
+    inside = (span.start + span.end) // 2
+    assert torch.equal(model.embed_prompts([prompt], [audio], [inside])[0], whole[inside:])
+    encoded: list[int] = []
+
+    def counting(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        encoded.append(1)
+        return []
+
+    monkeypatch.setattr(model.transformer.audio, "forward", counting)  # type: ignore[attr-defined]
+    past = model.embed_prompts([prompt], [audio], [span.end])[0]
+    assert encoded == [] and torch.equal(past, whole[span.end :])

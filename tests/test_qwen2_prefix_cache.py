@@ -72,3 +72,19 @@ def test_qwen2_audio_hits_misses_and_answers_as_without_the_cache(
     assert cached[2] <= before_audio  # another audio: only the text before it
     assert cached[3] >= matchable(len(first.prompt_ids))
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_qwen2_embedding_from_a_start_equals_the_tail(
+    bundle: ModelBundle, builder: PromptBuilder
+) -> None:
+    model = bundle.model
+    assert model is not None
+    voice = prepared(bundle, samples(2.0, 330.0), "v")
+    prompt = ask(builder, "e", Conversation(
+        query=(AudioItem(voice), TextItem("Describe it")))).prompt_ids
+    audio = list(voice.segments)
+    (span,) = model.audio_spans(prompt, audio)
+    whole = model.embed_prompts([prompt], [audio])[0]
+    for start in ((span.start + span.end) // 2, span.end):
+        tail = model.embed_prompts([prompt], [audio], [start])[0]
+        assert torch.equal(tail, whole[start:])
