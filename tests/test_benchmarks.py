@@ -81,7 +81,10 @@ def test_the_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(report["steps"]) == {"imports", "model", "parity", "engine", "floor"}
+    assert set(report["steps"]) == {"imports", "model", "parity", "engine", "prefix", "floor"}
+    prefix = report["steps"]["prefix"]
+    assert prefix["on"]["hit_tokens"] > 250 and prefix["off"]["hit_tokens"] == 0  # 10 s audio
+    assert prefix["turn2_vs_cold"] > 0 and prefix["tokens_per_s_on_vs_off"] > 0
     assert report["steps"]["parity"]["graph_vs_eager_rel_32"] == 0.0
     levels = report["steps"]["engine"]["levels"]
     assert [level["clients"] for level in levels] == [1, 2]
