@@ -16,7 +16,10 @@ In order, failing fast (each step prints its result and time, and the JSON repor
    greedy, 112-144 new tokens so clients do not move in waves): tokens/s, TTFT, the
    decode step (from one step's start to the next), then the HTTP server at 32 streaming
    clients on the same random model;
-5. the floor (benchmarks/decode_floor.py, the same weight shapes in a CUDA graph), last,
+5. prefix caching: conversations about 3 x 30 s of audio, the cache on and off: turn 2's
+   time to first token against the same prompt cold, and the answer tokens/s of 32
+   four-turn conversations at once;
+6. the floor (benchmarks/decode_floor.py, the same weight shapes in a CUDA graph), last,
    after the engine's memory is freed; every figure is printed as a ratio to it.
 
 ``--smoke`` runs the same steps on the CPU with the tiny test shapes and short levels
@@ -216,7 +219,10 @@ def step_engine(bundle: Any, levels: list[int], seconds: float) -> dict[str, Any
         requests.append(GenerationRequest(f"g{i}", prompt.token_ids, prompt.audio_segments,
                                           SamplingParams(rng.randint(112, 144), 0.0)))
     engine = BatchingEngine(lambda: bundle, max_batch_size=max(levels), max_queue=1024,
-                            join_wait_steps=2, cache=CacheOptions(attention_backend="auto"))
+                            join_wait_steps=2,
+                            # Its 64 requests share a prompt prefix: measured without the
+                            # prefix cache, as before it existed (step_prefix measures it).
+                            cache=CacheOptions(attention_backend="auto", prefix_caching=False))
     engine.start()
     while not engine.ready:
         if engine.load_error is not None:
@@ -233,6 +239,114 @@ def step_engine(bundle: Any, levels: list[int], seconds: float) -> dict[str, Any
                             for c in levels]
     finally:
         engine.close()
+    return result
+
+
+async def conversation(engine: Any, builder: Any, audio: Any, turns: int, max_tokens: int,
+                       ttfts: list[list[float]]) -> int:
+    """One conversation about ``audio``, each turn sending the whole history; the time to
+    first token of each turn goes to ``ttfts[turn]``. Returns the answer tokens."""
+    from oai_audio_server.engine.types import (
+        Failed,
+        Finished,
+        GenerationRequest,
+        SamplingParams,
+        TextDelta,
+    )
+    from oai_audio_server.qwen.conversation import (
+        AudioItem,
+        Conversation,
+        HistoryTurn,
+        TextItem,
+    )
+
+    history: tuple[Any, ...] = ()
+    query: tuple[Any, ...] = (AudioItem(audio), TextItem("What is this?"))
+    tokens = 0
+    for turn in range(turns):
+        prompt = builder.build(Conversation(history=history, query=query))
+        started = time.perf_counter()
+        handle = engine.submit(GenerationRequest(
+            f"{audio.digest}-{turn}", prompt.token_ids, prompt.audio_segments,
+            SamplingParams(max_tokens, 0.0)))
+        first = None
+        parts: list[str] = []
+        async for event in handle.events():
+            if first is None:
+                first = time.perf_counter() - started
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                tokens += event.completion_tokens
+            elif isinstance(event, Failed):
+                raise RuntimeError(str(event.error))
+        ttfts[turn].append(first or 0.0)
+        history = (*history, HistoryTurn(query, "".join(parts)))
+        query = (TextItem(f"Tell me more, part {turn + 2}."),)
+    return tokens
+
+
+async def conversations(engine: Any, builder: Any, audios: list[Any], turns: int,
+                        max_tokens: int, ttfts: list[list[float]]) -> int:
+    counts = await asyncio.gather(*(
+        conversation(engine, builder, audio, turns, max_tokens, ttfts) for audio in audios))
+    return sum(counts)
+
+
+def step_prefix(bundle: Any, smoke: bool) -> dict[str, Any]:
+    """Prefix caching: conversations about 3 x 30 s of audio (10 s with --smoke), 4
+    turns each, with the cache on and off in the same run: turn 2's time to first token
+    alone (against the same prompt without the cache: cold), and the answer tokens/s of
+    32 conversations at once (2 with --smoke)."""
+    from media import tone
+
+    from oai_audio_server.audio.types import PreparedAudio
+    from oai_audio_server.engine.cache_plan import CacheOptions
+    from oai_audio_server.engine.core import BatchingEngine
+    from oai_audio_server.qwen.prompt import QwenPromptBuilder
+
+    builder = QwenPromptBuilder(bundle.tokenizer, max_window_size=bundle.max_window_size)
+    seconds, clients = (10.0, 2) if smoke else (90.0, 32)
+
+    def clip(index: int) -> PreparedAudio:
+        wave = tone(seconds, 150.0 + 13.0 * index)
+        pieces = [wave[i : i + 480000] for i in range(0, len(wave), 480000)]
+        return PreparedAudio(f"a{index}", seconds,
+                             tuple(bundle.mel.extract(piece) for piece in pieces))
+
+    result: dict[str, Any] = {"audio_seconds": seconds, "clients": clients}
+    for caching in (True, False):
+        engine = BatchingEngine(lambda: bundle, max_batch_size=clients, max_queue=1024,
+                                cache=CacheOptions(prefix_caching=caching))
+        engine.start()
+        while not engine.ready:
+            if engine.load_error is not None:
+                raise engine.load_error
+            time.sleep(0.05)
+        try:
+            alone: list[list[float]] = [[] for _ in range(2)]
+            asyncio.run(conversation(engine, builder, clip(999), 2, 8, alone))  # warm-up
+            alone = [[] for _ in range(2)]
+            asyncio.run(conversation(engine, builder, clip(0), 2, 8, alone))
+            many: list[list[float]] = [[] for _ in range(4)]
+            audios = [clip(1 + i) for i in range(clients)]
+            started = time.perf_counter()
+            tokens = asyncio.run(conversations(engine, builder, audios, 4, 64, many))
+            wall = time.perf_counter() - started
+            stats = engine.stats()
+        finally:
+            engine.close()
+        name = "on" if caching else "off"
+        result[name] = {
+            "turn1_ttft_ms": 1000 * alone[0][0], "turn2_ttft_ms": 1000 * alone[1][0],
+            "tokens_per_s": tokens / wall,
+            "turn_ttft_p50_ms": [1000 * sorted(t)[len(t) // 2] for t in many],
+            "hit_tokens": stats["prefix_cache_hit_tokens"],
+            "miss_tokens": stats["prefix_cache_miss_tokens"],
+        }
+    result["turn2_vs_cold"] = result["on"]["turn2_ttft_ms"] / result["off"]["turn2_ttft_ms"]
+    result["tokens_per_s_on_vs_off"] = (result["on"]["tokens_per_s"]
+                                        / result["off"]["tokens_per_s"])
     return result
 
 
@@ -327,6 +441,8 @@ def main() -> None:
 
     started = time.perf_counter()
     record(args.out, "engine", step_engine(bundle, levels, args.seconds), started)
+    started = time.perf_counter()
+    record(args.out, "prefix", step_prefix(bundle, args.smoke), started)
     config = json.loads((model_dir / "config.json").read_text())
     del bundle
     gc.collect()

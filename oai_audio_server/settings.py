@@ -206,6 +206,13 @@ class Settings:
         "most one chunk.",
         "engine",
     )
+    prefix_caching: bool = _setting(
+        True,
+        "Keep the KV-cache blocks of earlier prompts and answers, keyed by their tokens and "
+        "audio, and start a request from its longest cached prefix (later turns of a "
+        "conversation skip its history); --no-prefix-caching computes every prompt anew.",
+        "engine",
+    )
     max_queue: int = _setting(64, "Most requests waiting for the model; more get 429.", "engine")
     engine_process: bool = _setting(
         True,

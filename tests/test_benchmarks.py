@@ -81,7 +81,10 @@ def test_the_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(report["steps"]) == {"imports", "model", "parity", "engine", "floor"}
+    assert set(report["steps"]) == {"imports", "model", "parity", "engine", "prefix", "floor"}
+    prefix = report["steps"]["prefix"]
+    assert prefix["on"]["hit_tokens"] > 250 and prefix["off"]["hit_tokens"] == 0  # 10 s audio
+    assert prefix["turn2_vs_cold"] > 0 and prefix["tokens_per_s_on_vs_off"] > 0
     assert report["steps"]["parity"]["graph_vs_eager_rel_32"] == 0.0
     levels = report["steps"]["engine"]["levels"]
     assert [level["clients"] for level in levels] == [1, 2]
@@ -95,9 +98,26 @@ def test_realtime_latency_runs(tiny_checkpoint: Path) -> None:
     # Both turns transcribed, no error, and times reported.
     assert row[1:3] == ["2", "0"], output
     assert all(cell.endswith("ms") for cell in row[3:]), output
+
+
 def test_grammar_step_benchmark_runs() -> None:
     output = run("grammar_step.py", "--rows", "4", "--grammar-rows", "2", "--steps", "6",
                  "--rounds", "1")
     rows = {cells[1]: cells for cells in table_rows(output, "4")}
     assert set(rows) == {"0", "2"}, output
     assert rows["0"][2].endswith("ms") and float(rows["2"][3]) > 0, output
+
+
+def test_multi_turn_benchmark_runs_with_caching_on_and_off(tiny_checkpoint: Path) -> None:
+    output = run("multi_turn.py", str(tiny_checkpoint), "--conversations", "2", "--turns",
+                 "2", "--audio-seconds", "10", "--max-tokens", "4", "--torch-threads", "1")
+    turns = {(row[0], row[1]): row for row in table_rows(output, "on")
+             + table_rows(output, "off") if len(row) == 6}
+    assert set(turns) == {("on", "1"), ("on", "2"), ("off", "1"), ("off", "2")}, output
+    # Turn 2 starts from turn 1's blocks (audio included) only with caching on.
+    assert int(turns[("on", "2")][5]) > 250 + int(turns[("on", "1")][5]), output
+    assert int(turns[("off", "2")][5]) == 0, output
+    totals = [row for row in table_rows(output, "on") + table_rows(output, "off")
+              if len(row) == 5]
+    assert [(row[1], row[2]) for row in totals] == [("4", "0"), ("4", "0")], output
+    assert all(float(row[4]) > 0 for row in totals), output

@@ -127,6 +127,34 @@ def test_multi_turn_with_audio_in_history(client: openai.OpenAI) -> None:
     assert reply.usage.prompt_tokens_details.audio_tokens == (25 + 2) + (12 + 2)  # 1 s and 0.5 s
 
 
+def test_a_repeated_audio_prompt_reports_cached_tokens(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    """The second time a prompt with 3 s of audio comes, its audio's keys and values come
+    from the prefix cache: usage says how many prompt tokens were reused, in a JSON reply
+    and in a stream's usage chunk, and the answer is the same."""
+    content = [audio_part(wav_bytes(tone(3.0, 987.0))), {"type": "text", "text": "again?"}]
+    messages = [{"role": "user", "content": content}]
+    first = ask(client, messages)
+    second = ask(client, messages)
+    text, chunks = stream_text(client, messages, stream_options={"include_usage": True})
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details is not None
+    cold = first.usage.prompt_tokens_details.cached_tokens  # a system prompt's blocks at most
+    warm = second.usage.prompt_tokens_details.cached_tokens
+    assert warm >= cold + 75 + 2 and warm < second.usage.prompt_tokens  # past the audio
+    streamed = chunks[-1].usage
+    assert streamed is not None and streamed.prompt_tokens_details is not None
+    assert streamed.prompt_tokens_details.cached_tokens == warm
+    assert second.choices[0].message.content == first.choices[0].message.content == text
+    metrics = httpx.get(server.base_url + "/metrics").text
+    hits = [line for line in metrics.splitlines()
+            if line.startswith("oas_engine_prefix_cache_hit_tokens_total ")]
+    assert hits and float(hits[0].split()[1]) >= 2 * warm
+    assert "oas_kv_blocks_cached " in metrics
+
+
 def test_stop_string_cuts_the_answer(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Tell me more"}]
     full = ask(client, messages, max_tokens=40).choices[0].message.content

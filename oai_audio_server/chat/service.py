@@ -251,7 +251,8 @@ class ChatService:
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(
-                audio_tokens=prepared.prompt.audio_token_count
+                audio_tokens=prepared.prompt.audio_token_count,
+                cached_tokens=finished[0].cached_tokens,
             ),
         )
 

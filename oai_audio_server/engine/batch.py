@@ -18,6 +18,7 @@ import torch
 
 from oai_audio_server.engine.detokenizer import IncrementalText
 from oai_audio_server.engine.pacing import TextPacer
+from oai_audio_server.engine.prefix import PrefixState
 from oai_audio_server.engine.sampling import RowSampling
 
 
@@ -34,9 +35,12 @@ class Row:
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     blocks: list[int] = field(default_factory=list)
-    # While prefilling: the embeddings still to run and how many of them ran.
+    # While prefilling: the embeddings still to run (from position ``cached`` on: the
+    # positions before it were in the cache) and how many of them ran.
     pending: torch.Tensor | None = None
     prefilled: int = 0
+    cached: int = 0
+    prefix: PrefixState | None = None  # its block keys (engine/prefix.py)
     # A row preempted and resumed has its next input token already (no sampling after
     # its prefill).
     resumed: bool = False

@@ -37,6 +37,7 @@ class CacheOptions:
     block_size: int = 16
     attention_backend: str = "auto"
     num_blocks: int = 0  # 0 = from the memory budget (tests set a small cache outright)
+    prefix_caching: bool = True  # engine/prefix.py
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CacheOptions:
@@ -47,6 +48,7 @@ class CacheOptions:
             max_prefill_tokens=settings.max_prefill_tokens,
             block_size=settings.kv_block_size,
             attention_backend=settings.attention_backend,
+            prefix_caching=settings.prefix_caching,
         )
 
 

@@ -44,6 +44,7 @@ from oai_audio_server.engine.handles import (
 )
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
+from oai_audio_server.engine.prefix import PrefixCache, model_fingerprint
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
 from oai_audio_server.engine.sampling import BatchSampler, HostStep, RowSpec, SampledStep
 from oai_audio_server.engine.types import (
@@ -65,7 +66,7 @@ from oai_audio_server.errors import (
 )
 from oai_audio_server.heap import freeze_long_lived_objects
 from oai_audio_server.models.block_manager import BlockManager
-from oai_audio_server.models.kv_cache import PagedKVCache, blocks_needed
+from oai_audio_server.models.kv_cache import PagedKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ COUNTERS = (
     "peak_batch_size",
     "preemptions",
 )
+
+# Prefix caching (engine/prefix.py): blocks holding a cached prefix, and the prompt
+# tokens of new requests taken from the cache (hits) or computed (misses).
+PREFIX_STATS = ("kv_blocks_cached", "prefix_cache_hit_tokens", "prefix_cache_miss_tokens")
 
 T = TypeVar("T")
 
@@ -134,6 +139,7 @@ class BatchingEngine:
         self._bundle: ModelBundle | None = None
         self._runner: ModelRunner | None = None
         self._blocks: BlockManager | None = None
+        self._prefix: PrefixCache | None = None
         self._load_error: BaseException | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -234,7 +240,18 @@ class BatchingEngine:
             "batch_size": self._batch_size,
             "kv_blocks_total": float(blocks.num_blocks if blocks else 0),
             "kv_blocks_free": float(blocks.free_blocks if blocks else 0),
+            **self._prefix_stats(),
             **{name: float(value) for name, value in self._counters.items()},
+        }
+
+    def _prefix_stats(self) -> dict[str, float]:
+        prefix = self._prefix
+        if prefix is None:
+            return dict.fromkeys(PREFIX_STATS, 0.0)
+        return {
+            "kv_blocks_cached": float(prefix.blocks.cached_blocks),
+            "prefix_cache_hit_tokens": float(prefix.hit_tokens),
+            "prefix_cache_miss_tokens": float(prefix.miss_tokens),
         }
 
     # ------------------------------------------------------------------ worker
@@ -316,6 +333,12 @@ class BatchingEngine:
         # Block 0 is never handed out: padding rows of a captured graph write there.
         cache = PagedKVCache(model.kv_layout, plan.num_blocks + 1, plan.block_size, bundle.device)
         self._blocks = BlockManager(plan.num_blocks + 1, plan.block_size, reserved=1)
+        self._prefix = PrefixCache(
+            self._blocks, model,
+            model_fingerprint(bundle.family, str(bundle.model_dir), bundle.dtype,
+                              plan.block_size),
+            enabled=options.prefix_caching,
+        )
         logger.info(
             "KV cache: %d blocks of %d positions, %.1f MiB", plan.num_blocks, plan.block_size,
             cache.nbytes / (1024 * 1024),
@@ -368,7 +391,7 @@ class BatchingEngine:
             if not row.finished:
                 row.finished = True
                 self._fail(row.handle, error)
-            self._release(row)
+            self._release(row, failed=True)
         self._decoding = [r for r in self._decoding if id(r) not in failing]
         self._prefilling = [r for r in self._prefilling if id(r) not in failing]
         self._in_flight = None  # the survivors go on from the tokens they have read
@@ -426,8 +449,8 @@ class BatchingEngine:
     def _admit(self, bundle: ModelBundle, runner: ModelRunner) -> None:
         """Start preempted rows again, then the waiting requests that fit (see
         admission.py). Caller holds the lock."""
-        blocks = self._blocks
-        assert blocks is not None
+        blocks, prefix = self._blocks, self._prefix
+        assert blocks is not None and prefix is not None and bundle.model is not None
         self._sweep_waiting()
         running = len(with_followers(self._decoding + self._prefilling))
         while self._preempted:
@@ -445,17 +468,26 @@ class BatchingEngine:
         for handle in [h for h in self._waiting if self._too_long(h, max_len)]:
             self._waiting.remove(handle)
         steps = self._counters["decode_steps"]
-        units = group_choices(list(self._waiting), runner.capacity)
+        units = self._startable(group_choices(list(self._waiting), runner.capacity),
+                                runner.capacity - running)
+        model = bundle.model
+        # Block keys (audio hashed once per request) and the cached prefix.
+        states = [
+            prefix.state(unit[0], model.rotary_variant(len(unit[0].request.prompt_ids)))
+            for unit in units
+        ]
         chosen = plan_admission(
             [
                 Waiting(
-                    # the prompt's blocks, and one for each other choice's last block
-                    blocks_needed(len(unit[0].request.prompt_ids), blocks.block_size)
+                    # the blocks its prompt takes (a cached prefix that running rows hold
+                    # is free), and one for each other choice's last block
+                    prefix.cost(state, unit[0].request.prompt_ids,
+                                len(unit[0].request.prompt_ids))
                     + len(unit) - 1,
                     steps - unit[0].queued_at_step,
                     rows=len(unit),
                 )
-                for unit in units
+                for unit, state in zip(units, states, strict=True)
             ],
             running=running,
             capacity=runner.capacity,
@@ -467,24 +499,43 @@ class BatchingEngine:
         for index in chosen:
             leader, *others = (self._new_row(bundle, handle) for handle in units[index])
             leader.followers = others
+            leader.prefix = states[index]
             for row in (leader, *others):
                 self._waiting.remove(row.handle)
                 row.handle.admitted_at = now
             self._take_blocks(leader)
+            for follower in others:
+                follower.prefix = prefix.choice_state(leader.prefix)
             self._prefilling.append(leader)
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
 
+    @staticmethod
+    def _startable(
+        units: list[list[RequestHandle]], free_rows: int
+    ) -> list[list[RequestHandle]]:
+        """The leading units that free rows could hold, and the first that they could not
+        (admission stops there): what later units would cost is never looked up."""
+        for index, unit in enumerate(units):
+            free_rows -= len(unit)
+            if free_rows < 0:
+                return units[: index + 1]
+        return units
+
     def _blocks_to_start(self, row: Row) -> int:
-        assert self._blocks is not None
-        return blocks_needed(row.prefill_positions, self._blocks.block_size) + len(row.followers)
+        """Free blocks the row takes to start: what its prefill writes but a cached
+        prefix that running rows hold (engine/prefix.py), and one per follower."""
+        assert self._prefix is not None and row.prefix is not None
+        tokens = self._tokens(row)
+        return self._prefix.cost(row.prefix, tokens, row.prefill_positions) + len(row.followers)
 
     def _take_blocks(self, row: Row) -> None:
         """Blocks for what the row prefills, and one per follower (its copy of the
         prompt's last block, or its first answer block when the prompt fills its blocks)."""
-        blocks = self._blocks
-        assert blocks is not None
-        row.blocks = blocks.allocate(blocks_needed(row.prefill_positions, blocks.block_size))
+        blocks, prefix = self._blocks, self._prefix
+        assert blocks is not None and prefix is not None and row.prefix is not None
+        row.blocks, row.cached = prefix.start(row.prefix, self._tokens(row),
+                                              row.prefill_positions)
         for follower in row.followers:
             follower.blocks = blocks.allocate(1)
 
@@ -499,6 +550,11 @@ class BatchingEngine:
             variant=bundle.model.rotary_variant(len(request.prompt_ids)),
         )
 
+    @staticmethod
+    def _tokens(row: Row) -> list[int]:
+        """The row's ids from position 0 (prompt, then answer so far)."""
+        return [*row.handle.request.prompt_ids, *row.generated]
+
     # ------------------------------------------------------------------ prefill
 
     def _embed(self, bundle: ModelBundle, rows: list[Row]) -> None:
@@ -511,7 +567,9 @@ class BatchingEngine:
             else r.handle.request.prompt_ids
             for r in rows
         ]
-        embeds = bundle.model.embed_prompts(prompts, [r.handle.request.audio for r in rows])
+        embeds = bundle.model.embed_prompts(
+            prompts, [r.handle.request.audio for r in rows], [r.cached for r in rows]
+        )
         for row, pending in zip(rows, embeds, strict=True):
             row.pending = pending
             row.prefilled = 0
@@ -532,7 +590,7 @@ class BatchingEngine:
             take = min(row.prefill_total - row.prefilled, budget)
             start = row.prefilled
             work.append(PrefillWork(
-                row.pending[start : start + take], start, row.variant, row.blocks,
+                row.pending[start : start + take], row.cached + start, row.variant, row.blocks,
                 wants_logits=start + take == row.prefill_total and not row.resumed,
             ))
             chunked.append(row)
@@ -542,8 +600,13 @@ class BatchingEngine:
             return
         self._counters["prefills"] += 1
         done: list[Row] = []
+        prefix = self._prefix
+        assert prefix is not None
         for row, item in zip(chunked, work, strict=True):
             row.prefilled += int(item.embeds.shape[0])
+            if row.prefix is not None:
+                prefix.filled(row.prefix, row.blocks, self._tokens(row),
+                              row.cached + row.prefilled)
             if row.prefilled == row.prefill_total:
                 done.append(row)
         if not done:
@@ -564,7 +627,7 @@ class BatchingEngine:
         joining: list[Row] = []
         logit_rows: list[int] = []
         for pick, row in enumerate(fresh):
-            row.position = row.prefill_total
+            row.position = row.cached + row.prefill_total
             self._counters["prompt_tokens"] += row.position
             for follower in row.followers:
                 self._fork(runner, row, follower)
@@ -574,7 +637,7 @@ class BatchingEngine:
                     logit_rows.append(pick)
                 else:
                     member.finished = True
-                    self._release(member)
+                    self._release(member, computed=row.position)
             row.followers = []
         start = len(self._decoding)
         step: HostStep | None = None
@@ -662,6 +725,7 @@ class BatchingEngine:
     def _preempt(self, runner: ModelRunner) -> None:
         """Free the blocks of the most recently started row; it starts again (prompt and
         answer so far prefilled anew) when blocks are free."""
+        computed = 0  # a prefilling row's filled blocks are registered already
         if self._prefilling:
             row = self._prefilling.pop()
             for follower in row.followers:
@@ -674,7 +738,9 @@ class BatchingEngine:
             row.resumed = True
             # not counting a queued step's token, which is dropped and drawn again
             row.position = self._cached_length(row)
-        self._release(row)
+            computed = row.position
+        # Its blocks stay cached: it finds them again when it comes back (unless evicted).
+        self._release(row, computed=computed)
         row.pending = None
         row.prefilled = 0
         self._preempted.appendleft(row)
@@ -794,14 +860,19 @@ class BatchingEngine:
                 prompt_tokens=len(row.handle.request.prompt_ids),
                 completion_tokens=len(row.generated),
                 token_ids=list(row.generated),
+                cached_tokens=max(0, row.prefix.cached_tokens) if row.prefix else 0,
             ),
         )
 
     # ------------------------------------------------------------------ leaving
 
-    def _release(self, row: Row) -> None:
-        if row.blocks and self._blocks is not None:
-            self._blocks.release(row.blocks)
+    def _release(self, row: Row, *, computed: int = 0, failed: bool = False) -> None:
+        """Let go of the row's blocks. Those of its first ``computed`` positions (a
+        decoding row's whole sequence so far) stay cached for later requests, as do its
+        prompt blocks registered while prefilling; after a failure none do."""
+        if row.blocks and self._prefix is not None:
+            self._prefix.release(row.prefix, row.blocks, self._tokens(row), computed,
+                                 failed=failed)
         row.blocks = []
 
     def _reload_decoding(self) -> None:
@@ -854,7 +925,7 @@ class BatchingEngine:
         live = list(rows)
         for row in live:
             if id(row) in leaving:
-                self._release(row)
+                self._release(row, computed=self._cached_length(row))
         index = 0
         while index < len(live):
             if id(live[index]) not in leaving:

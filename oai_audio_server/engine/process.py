@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from oai_audio_server.engine.cache_plan import CacheOptions
-from oai_audio_server.engine.core import COUNTERS, BatchingEngine
+from oai_audio_server.engine.core import COUNTERS, PREFIX_STATS, BatchingEngine
 from oai_audio_server.engine.handles import LoopSink, Outbox, RequestHandle
 from oai_audio_server.engine.load_report import ModelLoadError, explained_loader
 from oai_audio_server.engine.loader import ModelBundle, ModelInfo, load_front_bundle
@@ -63,7 +63,9 @@ from oai_audio_server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-STAT_NAMES = ("queue_depth", "batch_size", "kv_blocks_total", "kv_blocks_free", *COUNTERS)
+STAT_NAMES = (
+    "queue_depth", "batch_size", "kv_blocks_total", "kv_blocks_free", *PREFIX_STATS, *COUNTERS
+)
 Connection = multiprocessing.connection.Connection
 
 

@@ -89,6 +89,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 _ENGINE_GAUGES = {
     "queue_depth": "Requests waiting for the model.",
     "batch_size": "Sequences in the running batch.",
+    "kv_blocks_cached": "KV-cache blocks holding a cached prefix (in use or evictable).",
 }
 # Engine figures that are highs since start: gauges too (they are no running totals).
 _ENGINE_PEAKS = {"peak_batch_size": "Most sequences in one batch since start."}

@@ -4,6 +4,7 @@ same paged cache, batching, sampling and CUDA graphs."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -11,6 +12,17 @@ import torch
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
 from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
+
+
+@dataclass(frozen=True)
+class AudioSpan:
+    """Where one audio segment's embeddings sit in a prompt: positions ``start..end``
+    (end excluded). ``context`` is what else those embeddings depend on: for Qwen-Audio
+    the longest audio of the same prompt (its encoder cut), 0 where nothing does."""
+
+    start: int
+    end: int
+    context: int = 0
 
 
 class EngineModel(Protocol):
@@ -26,12 +38,22 @@ class EngineModel(Protocol):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor: ...
 
+    def audio_spans(
+        self, prompt: Sequence[int], audio: Sequence[AudioSegmentFeatures]
+    ) -> list[AudioSpan]:
+        """One span per audio segment, in order (ValueError if the prompt's audio
+        placeholders do not match the audio)."""
+        ...
+
     def embed_prompts(
         self,
         prompts: Sequence[Sequence[int]],
         audio: Sequence[Sequence[AudioSegmentFeatures]],
+        starts: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
-        """[len, hidden] per prompt, audio spans filled from the encoder (one batch)."""
+        """[len - start, hidden] per prompt: the embeddings from position ``start`` on
+        (0 by default), audio spans filled from the encoder (one batch). Audio wholly
+        before ``start`` (a prefix already in the cache) is not encoded."""
         ...
 
     def prefill(

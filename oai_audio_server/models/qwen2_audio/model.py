@@ -13,6 +13,7 @@ from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.base import AudioSpan
 from oai_audio_server.models.common import load_named_weights
 from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
 from oai_audio_server.models.qwen2_audio.audio_encoder import Projector, Qwen2AudioTower
@@ -85,34 +86,64 @@ class Qwen2AudioModel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.language_model.model.embed_tokens(ids))
 
+    def audio_spans(
+        self, prompt: Sequence[int], audio: Sequence[AudioSegmentFeatures]
+    ) -> list[AudioSpan]:
+        """The ``<|AUDIO|>`` tokens, taken in order: each segment's ``token_count`` of
+        them, one run of consecutive positions per segment."""
+        audio_id = self.config.audio_token_id
+        positions = [i for i, token in enumerate(prompt) if token == audio_id]
+        expected = sum(s.token_count for s in audio)
+        if len(positions) != expected:
+            raise ValueError(
+                f"prompt has {len(positions)} audio tokens but its audios give {expected}"
+            )
+        spans = []
+        taken = 0
+        for segment in audio:
+            run = positions[taken : taken + segment.token_count]
+            taken += segment.token_count
+            if run and run[-1] - run[0] + 1 != len(run):
+                raise ValueError("an audio's tokens in the prompt are not consecutive")
+            if run:
+                spans.append(AudioSpan(run[0], run[-1] + 1))
+            else:
+                spans.append(AudioSpan(taken, taken))
+        return spans
+
     def embed_prompts(
         self,
         prompts: Sequence[Sequence[int]],
         audio: Sequence[Sequence[AudioSegmentFeatures]],
+        starts: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
-        """Token embeddings [len, hidden] of each prompt; each run of ``<|AUDIO|>``
-        tokens replaced by its audio's embeddings, in order (one encoder batch)."""
+        """Token embeddings [len - start, hidden] of each prompt from its ``start``; each
+        run of ``<|AUDIO|>`` tokens replaced by its audio's embeddings (the audios that
+        reach past ``start``, in one encoder batch)."""
         device = self.cos.device
+        starts = list(starts) if starts is not None else [0] * len(prompts)
         embeds = [
-            self.embed_tokens(torch.tensor(list(prompt), dtype=torch.long, device=device))
-            for prompt in prompts
+            self.embed_tokens(torch.tensor(list(prompt[start:]), dtype=torch.long,
+                                           device=device))
+            for prompt, start in zip(prompts, starts, strict=True)
         ]
-        segments = [segment for row_audio in audio for segment in row_audio]
-        if not segments:
+        wanted = [
+            (row, segment, span)
+            for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True))
+            if row_audio  # a prompt without audio is all text (its ids were never checked)
+            for segment, span in zip(row_audio, self.audio_spans(prompt, row_audio),
+                                     strict=True)
+            if span.end > starts[row] and span.end > span.start
+        ]
+        if not wanted:
             return embeds
-        spans = iter(self.audio_embeddings(segments))
-        audio_id = self.config.audio_token_id
-        for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True)):
-            positions = [i for i, token in enumerate(prompt) if token == audio_id]
-            expected = sum(s.token_count for s in row_audio)
-            if len(positions) != expected:
-                raise ValueError(
-                    f"prompt has {len(positions)} audio tokens but its audios give {expected}"
-                )
-            if positions:
-                row_spans = [next(spans) for _ in row_audio]
-                index = torch.tensor(positions, device=device)
-                embeds[row][index] = torch.cat(row_spans).to(embeds[row].dtype)
+        encoded = self.audio_embeddings([segment for _, segment, _ in wanted])
+        for (row, _, span), out in zip(wanted, encoded, strict=True):
+            start = starts[row]
+            first = max(span.start, start)
+            embeds[row][first - start : span.end - start] = (
+                out[first - span.start :].to(embeds[row].dtype)
+            )
         return embeds
 
     def prefill(

@@ -13,6 +13,7 @@ from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.base import AudioSpan
 from oai_audio_server.models.common import load_named_weights
 from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
 from oai_audio_server.models.qwen_audio.config import QwenAudioConfig
@@ -83,44 +84,64 @@ class QwenAudioModel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, self.transformer.wte(ids))
 
+    def audio_spans(
+        self, prompt: Sequence[int], audio: Sequence[AudioSegmentFeatures]
+    ) -> list[AudioSpan]:
+        """Each ``<audio>`` ... ``</audio>`` span (the tags are the encoder's output too).
+        Every audio of a prompt is cut at the prompt's longest audio (the official code's
+        batch), so that length is each span's context."""
+        start_id = self.config.audio.audio_start_id
+        starts = [i for i, token in enumerate(prompt) if token == start_id]
+        if len(starts) != len(audio):
+            raise ValueError(f"prompt has {len(starts)} audio spans but {len(audio)} audios")
+        group = max((s.length_after_cnn for s in audio), default=0)
+        spans = []
+        for start, segment in zip(starts, audio, strict=True):
+            end = start + segment.token_count + 2
+            if end > len(prompt) or prompt[end - 1] != start_id + 1:
+                raise ValueError("an audio span in the prompt does not match its audio")
+            spans.append(AudioSpan(start, end, group))
+        return spans
+
     def embed_prompts(
         self,
         prompts: Sequence[Sequence[int]],
         audio: Sequence[Sequence[AudioSegmentFeatures]],
+        starts: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
-        """Token embeddings [len, hidden] of each prompt, each ``<audio>`` ... ``</audio>``
-        span replaced by its audio's encoder output. All audios of all prompts go through
-        the encoder as one batch."""
+        """Token embeddings [len - start, hidden] of each prompt from its ``start``, each
+        ``<audio>`` ... ``</audio>`` span replaced by its audio's encoder output. The
+        audios that reach past ``start``, of all prompts, go through the encoder as one
+        batch."""
         device = self.lm_head.weight.device
+        starts = list(starts) if starts is not None else [0] * len(prompts)
         embeds = [
-            self.embed_tokens(torch.tensor(list(prompt), dtype=torch.long, device=device))
-            for prompt in prompts
+            self.embed_tokens(torch.tensor(list(prompt[start:]), dtype=torch.long,
+                                           device=device))
+            for prompt, start in zip(prompts, starts, strict=True)
         ]
-        segments = [segment for row_audio in audio for segment in row_audio]
-        if not segments:
+        wanted = [
+            (row, segment, span)
+            for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True))
+            if row_audio  # a prompt without audio is all text (its ids were never checked)
+            for segment, span in zip(row_audio, self.audio_spans(prompt, row_audio),
+                                     strict=True)
+            if span.end > starts[row]
+        ]
+        if not wanted:
             return embeds
-        mels = torch.stack([s.mel for s in segments])
-        group = [
-            max(s.length_after_cnn for s in row_audio) for row_audio in audio for _ in row_audio
-        ]
-        spans = self.transformer.audio(
-            mels, [s.length_after_cnn for s in segments], [s.token_count for s in segments],
-            group,
+        segments = [segment for _, segment, _ in wanted]
+        encoded = self.transformer.audio(
+            torch.stack([s.mel for s in segments]),
+            [s.length_after_cnn for s in segments], [s.token_count for s in segments],
+            [span.context for _, _, span in wanted],
         )
-        start_id = self.config.audio.audio_start_id
-        index = 0
-        for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True)):
-            starts = [i for i, token in enumerate(prompt) if token == start_id]
-            if len(starts) != len(row_audio):
-                raise ValueError(
-                    f"prompt has {len(starts)} audio spans but {len(row_audio)} audios"
-                )
-            for start in starts:
-                span = spans[index]
-                index += 1
-                if prompt[start + len(span) - 1] != start_id + 1:
-                    raise ValueError("an audio span in the prompt does not match its audio")
-                embeds[row][start : start + len(span)] = span.to(embeds[row].dtype)
+        for (row, _, span), out in zip(wanted, encoded, strict=True):
+            start = starts[row]
+            first = max(span.start, start)
+            embeds[row][first - start : span.end - start] = (
+                out[first - span.start :].to(embeds[row].dtype)
+            )
         return embeds
 
     def prefill(
