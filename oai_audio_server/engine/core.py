@@ -44,7 +44,7 @@ from oai_audio_server.engine.handles import (
 )
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.pacing import TextPacer
-from oai_audio_server.engine.prefix import PrefixCache, model_fingerprint
+from oai_audio_server.engine.prefix import PrefixCache, PrefixState, model_fingerprint
 from oai_audio_server.engine.runner import ModelRunner, PrefillWork
 from oai_audio_server.engine.sampling import BatchSampler, HostStep, RowSpec, SampledStep
 from oai_audio_server.engine.types import (
@@ -66,7 +66,7 @@ from oai_audio_server.errors import (
 )
 from oai_audio_server.heap import freeze_long_lived_objects
 from oai_audio_server.models.block_manager import BlockManager
-from oai_audio_server.models.kv_cache import PagedKVCache
+from oai_audio_server.models.kv_cache import PagedKVCache, blocks_needed
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class BatchingEngine:
         # A decode step queued but not read yet (overlapped stepping), with its rows.
         self._in_flight: tuple[list[Row], SampledStep] | None = None
         self._overlap = overlap_steps
+        self._faults = 0  # rows failed so far: a step queued before a fault is stale
 
     # ------------------------------------------------------------------ public
 
@@ -395,6 +396,7 @@ class BatchingEngine:
         self._decoding = [r for r in self._decoding if id(r) not in failing]
         self._prefilling = [r for r in self._prefilling if id(r) not in failing]
         self._in_flight = None  # the survivors go on from the tokens they have read
+        self._faults += 1
         if self._runner is not None:
             self._reload_decoding()
         if bundle.device.type == "cuda":
@@ -468,14 +470,24 @@ class BatchingEngine:
         for handle in [h for h in self._waiting if self._too_long(h, max_len)]:
             self._waiting.remove(handle)
         steps = self._counters["decode_steps"]
-        units = self._startable(group_choices(list(self._waiting), runner.capacity),
-                                runner.capacity - running)
-        model = bundle.model
-        # Block keys (audio hashed once per request) and the cached prefix.
-        states = [
-            prefix.state(unit[0], model.rotary_variant(len(unit[0].request.prompt_ids)))
-            for unit in units
-        ]
+
+        def fits(leader: RequestHandle, size: int) -> bool:
+            # Choices that together could never fit the cache prefill one by one.
+            prompt = blocks_needed(len(leader.request.prompt_ids), blocks.block_size)
+            return prompt + size - 1 <= blocks.num_blocks
+
+        units = self._startable(
+            group_choices(list(self._waiting), runner.capacity, fits), runner.capacity - running
+        )
+        # Block keys (audio hashed once per request) and the cached prefix; a request
+        # whose keys cannot be made (its audio does not match its prompt) fails alone.
+        states = []
+        for unit in list(units):
+            state = self._guarded_state(bundle, unit)
+            if state is None:
+                units.remove(unit)
+            else:
+                states.append(state)
         chosen = plan_admission(
             [
                 Waiting(
@@ -494,21 +506,42 @@ class BatchingEngine:
             free_blocks=blocks.free_blocks,
             join_wait_steps=self._join_wait_steps,
         )
-        admitted = [handle for index in chosen for handle in units[index]]
+        admitted: list[RequestHandle] = []
         now = time.monotonic()
         for index in chosen:
-            leader, *others = (self._new_row(bundle, handle) for handle in units[index])
+            unit, state = units[index], states[index]
+            prompt = unit[0].request.prompt_ids
+            if prefix.cost(state, prompt, len(prompt)) + len(unit) - 1 > blocks.free_blocks:
+                break  # an earlier start evicted part of its cached prefix: next time
+            leader, *others = (self._new_row(bundle, handle) for handle in unit)
             leader.followers = others
-            leader.prefix = states[index]
+            leader.prefix = state
+            self._take_blocks(leader)  # before it leaves the queue: nothing is lost
             for row in (leader, *others):
                 self._waiting.remove(row.handle)
                 row.handle.admitted_at = now
-            self._take_blocks(leader)
             for follower in others:
-                follower.prefix = prefix.choice_state(leader.prefix)
+                follower.prefix = prefix.choice_state(state)
             self._prefilling.append(leader)
+            admitted += unit
         if admitted and self._on_admit is not None:
             self._on_admit(admitted)
+
+    def _guarded_state(self, bundle: ModelBundle, unit: list[RequestHandle]) -> PrefixState | None:
+        """The unit's prefix-cache state, or None after failing (and dequeuing) the unit."""
+        assert self._prefix is not None and bundle.model is not None
+        leader = unit[0]
+        try:
+            return self._prefix.state(
+                leader, bundle.model.rotary_variant(len(leader.request.prompt_ids))
+            )
+        except Exception as exc:
+            logger.exception("request %s cannot start", leader.request.request_id)
+            error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+            for handle in unit:
+                self._waiting.remove(handle)
+                self._fail(handle, error)
+            return None
 
     @staticmethod
     def _startable(
@@ -638,7 +671,6 @@ class BatchingEngine:
                 else:
                     member.finished = True
                     self._release(member, computed=row.position)
-            row.followers = []
         start = len(self._decoding)
         step: HostStep | None = None
         if joining:
@@ -666,6 +698,10 @@ class BatchingEngine:
         )
         if step is not None:
             self._accept_step(bundle, joining, step)
+        for row in fresh:
+            # Rows of their own from now on. Kept until here: a fault above fails the
+            # choices with their first one (they are not reachable otherwise).
+            row.followers = []
 
     def _fork(self, runner: ModelRunner, row: Row, follower: Row) -> None:
         """Another choice of ``row``'s prompt, just prefilled: it takes the prompt's full
@@ -767,7 +803,12 @@ class BatchingEngine:
                 rows = list(self._decoding)
         launched = self._launch_step(bundle, runner, rows) if rows else None
         if in_flight is not None:
+            faults = self._faults
             self._read_step(bundle, *in_flight)
+            if self._faults != faults:
+                # The survivors were reloaded from the tokens read so far: the step just
+                # queued ran on the state before that, and its tokens are dropped.
+                launched = None
         if launched is not None:
             if overlap:
                 self._in_flight = (rows, launched)
@@ -942,3 +983,5 @@ class BatchingEngine:
         runner.rows.clear_from(len(live))
         sampler.clear_from(len(live))
         self._decoding = live
+        if not live:
+            self._in_flight = None  # a step queued for rows that are all gone

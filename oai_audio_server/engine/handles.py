@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,14 +106,19 @@ class Outbox:
             sink.deliver(events)
 
 
-def group_choices(handles: Sequence[RequestHandle], limit: int) -> list[list[RequestHandle]]:
+def group_choices(
+    handles: Sequence[RequestHandle], limit: int,
+    fits: Callable[[RequestHandle, int], bool] = lambda leader, size: True,
+) -> list[list[RequestHandle]]:
     """Queued handles in admission units: a request and the following choices of its
-    prompt (at most ``limit`` together; a choice whose first choice is no longer just
-    before it is a unit of its own and prefills its prompt itself)."""
+    prompt (at most ``limit`` together, and only as many as ``fits(leader, size)``
+    allows; a choice whose first choice is no longer just before it, or that does not
+    fit with it, is a unit of its own and prefills its prompt itself)."""
     units: list[list[RequestHandle]] = []
     for handle in handles:
         unit = units[-1] if units else None
-        if unit is not None and handle.leader is unit[0] and len(unit) < limit:
+        if (unit is not None and handle.leader is unit[0] and len(unit) < limit
+                and fits(unit[0], len(unit) + 1)):
             unit.append(handle)
         else:
             units.append([handle])
