@@ -13,6 +13,7 @@ from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.audio_splice import embed_with_audio
 from oai_audio_server.models.base import AudioSpan
 from oai_audio_server.models.common import load_named_weights
 from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
@@ -120,31 +121,10 @@ class Qwen2AudioModel(nn.Module):
         """Token embeddings [len - start, hidden] of each prompt from its ``start``; each
         run of ``<|AUDIO|>`` tokens replaced by its audio's embeddings (the audios that
         reach past ``start``, in one encoder batch)."""
-        device = self.cos.device
-        starts = list(starts) if starts is not None else [0] * len(prompts)
-        embeds = [
-            self.embed_tokens(torch.tensor(list(prompt[start:]), dtype=torch.long,
-                                           device=device))
-            for prompt, start in zip(prompts, starts, strict=True)
-        ]
-        wanted = [
-            (row, segment, span)
-            for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True))
-            if row_audio  # a prompt without audio is all text (its ids were never checked)
-            for segment, span in zip(row_audio, self.audio_spans(prompt, row_audio),
-                                     strict=True)
-            if span.end > starts[row] and span.end > span.start
-        ]
-        if not wanted:
-            return embeds
-        encoded = self.audio_embeddings([segment for _, segment, _ in wanted])
-        for (row, _, span), out in zip(wanted, encoded, strict=True):
-            start = starts[row]
-            first = max(span.start, start)
-            embeds[row][first - start : span.end - start] = (
-                out[first - span.start :].to(embeds[row].dtype)
-            )
-        return embeds
+        return embed_with_audio(
+            self.embed_tokens, self.cos.device, prompts, audio, starts, self.audio_spans,
+            lambda segments, _spans: self.audio_embeddings(segments),
+        )
 
     def prefill(
         self, embeds: torch.Tensor, positions: torch.Tensor, variants: torch.Tensor,

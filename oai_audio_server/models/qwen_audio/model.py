@@ -13,6 +13,7 @@ from torch import nn
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.models.attention import DecodeMeta, PrefillMeta
+from oai_audio_server.models.audio_splice import embed_with_audio
 from oai_audio_server.models.base import AudioSpan
 from oai_audio_server.models.common import load_named_weights
 from oai_audio_server.models.kv_cache import KVLayout, PagedKVCache
@@ -113,36 +114,17 @@ class QwenAudioModel(nn.Module):
         ``<audio>`` ... ``</audio>`` span replaced by its audio's encoder output. The
         audios that reach past ``start``, of all prompts, go through the encoder as one
         batch."""
-        device = self.lm_head.weight.device
-        starts = list(starts) if starts is not None else [0] * len(prompts)
-        embeds = [
-            self.embed_tokens(torch.tensor(list(prompt[start:]), dtype=torch.long,
-                                           device=device))
-            for prompt, start in zip(prompts, starts, strict=True)
-        ]
-        wanted = [
-            (row, segment, span)
-            for row, (prompt, row_audio) in enumerate(zip(prompts, audio, strict=True))
-            if row_audio  # a prompt without audio is all text (its ids were never checked)
-            for segment, span in zip(row_audio, self.audio_spans(prompt, row_audio),
-                                     strict=True)
-            if span.end > starts[row]
-        ]
-        if not wanted:
-            return embeds
-        segments = [segment for _, segment, _ in wanted]
-        encoded = self.transformer.audio(
-            torch.stack([s.mel for s in segments]),
-            [s.length_after_cnn for s in segments], [s.token_count for s in segments],
-            [span.context for _, _, span in wanted],
-        )
-        for (row, _, span), out in zip(wanted, encoded, strict=True):
-            start = starts[row]
-            first = max(span.start, start)
-            embeds[row][first - start : span.end - start] = (
-                out[first - span.start :].to(embeds[row].dtype)
+        def encode(
+            segments: list[AudioSegmentFeatures], spans: list[AudioSpan]
+        ) -> Sequence[torch.Tensor]:
+            return self.transformer.audio(
+                torch.stack([s.mel for s in segments]),
+                [s.length_after_cnn for s in segments], [s.token_count for s in segments],
+                [span.context for span in spans],
             )
-        return embeds
+
+        return embed_with_audio(self.embed_tokens, self.lm_head.weight.device, prompts, audio,
+                                starts, self.audio_spans, encode)
 
     def prefill(
         self, embeds: torch.Tensor, positions: torch.Tensor, variants: torch.Tensor,
