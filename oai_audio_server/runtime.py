@@ -12,10 +12,11 @@ from typing import Any, TypeVar
 from oai_audio_server.audio.intake import AudioIntake
 from oai_audio_server.engine.cache_plan import CacheOptions
 from oai_audio_server.engine.core import BatchingEngine
+from oai_audio_server.engine.interface import Engine
 from oai_audio_server.engine.load_report import ModelLoadError, explained_loader
 from oai_audio_server.engine.loader import ModelBundle
 from oai_audio_server.engine.process import EngineProcess
-from oai_audio_server.engine.types import Engine, GenerationHandle, GenerationRequest
+from oai_audio_server.engine.types import GenerationHandle, GenerationRequest
 from oai_audio_server.errors import (
     APIError,
     ModelLoadFailedError,

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from oai_audio_server.audio.types import AudioSegmentFeatures
 from oai_audio_server.errors import APIError
-
-if TYPE_CHECKING:
-    from oai_audio_server.engine.loader import ModelBundle
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
@@ -121,27 +118,3 @@ class GenerationHandle(Protocol):
     def events(self) -> AsyncIterator[GenerationEvent]: ...
 
     def cancel(self) -> None: ...
-
-
-class Engine(Protocol):
-    """What the services and the HTTP layer use of an engine: BatchingEngine (a worker
-    thread in this process) and EngineProcess (the same in a child process)."""
-
-    def start(self) -> None: ...
-
-    def close(self, timeout: float = 10.0) -> None: ...
-
-    @property
-    def ready(self) -> bool: ...
-
-    @property
-    def load_error(self) -> BaseException | None: ...
-
-    @property
-    def bundle(self) -> ModelBundle: ...
-
-    def submit(self, request: GenerationRequest) -> GenerationHandle: ...
-
-    def submit_group(self, requests: list[GenerationRequest]) -> Sequence[GenerationHandle]: ...
-
-    def stats(self) -> dict[str, float]: ...
