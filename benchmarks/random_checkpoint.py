@@ -89,7 +89,7 @@ def build(
     built = time.perf_counter() - started
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     params = sum(t.numel() for n, t in state.items() if not n.endswith("positional_embedding"))
-    print(f"built {params / 1e9:.2f} B parameters on {device} in {built:.1f} s, "
+    print(f"built {params / 1e6:,.1f} M parameters on {device} in {built:.1f} s, "
           f"saved in {time.perf_counter() - started - built:.1f} s to {out}")
     return out
 
