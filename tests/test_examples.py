@@ -4,6 +4,7 @@ on a checkpoint directory with no other flags: the examples find the model name 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -56,7 +57,7 @@ def run_as_documented(server: ServerProcess, name: str, *args: str) -> str:
 def test_every_python_example_is_covered() -> None:
     assert set(PYTHON_EXAMPLES) == {"chat_sdk.py", "chat_stream_sdk.py",
                                     "multi_turn_audio.py", "realtime_transcribe.py",
-                                    "tutorial_requests.py"}
+                                    "structured_output.py", "tutorial_requests.py"}
 
 
 def test_the_server_name_is_the_directory(plain_server: ServerProcess,
@@ -79,6 +80,9 @@ def test_python_example(plain_server: ServerProcess, name: str) -> None:
         assert "[turn 1 done]" in output
     if name == "chat_stream_sdk.py":
         assert "[completion tokens" in output
+    if name == "structured_output.py":  # the model's reply, parsed by the SDK
+        fields = json.loads(output.strip().splitlines()[-1])
+        assert set(fields) == {"speech", "language", "mood"}
 
 
 def test_python_example_with_an_audio_file(plain_server: ServerProcess, tmp_path: Path) -> None:
