@@ -693,6 +693,25 @@ async def with_logprobs(handle: RequestHandle) -> tuple[Outcome, list[Any]]:
     raise AssertionError("no Finished")
 
 
+def solo_with_logprobs(
+    bundle: ModelBundle, requests: list[GenerationRequest]
+) -> list[tuple[Outcome, list[Any]]]:
+    """Each request alone (as solo()), with the log probabilities it was sent."""
+
+    async def one_by_one(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
+        return [await with_logprobs(engine.submit(r)) for r in requests]
+
+    with engine_for(bundle, max_batch_size=1) as engine:
+        return run(one_by_one(engine))
+
+
+async def together_with_logprobs(
+    engine: BatchingEngine, requests: list[GenerationRequest]
+) -> list[tuple[Outcome, list[Any]]]:
+    handles = engine.submit_group(requests)
+    return list(await asyncio.gather(*(with_logprobs(h) for h in handles)))
+
+
 def assert_same_with_logprobs(
     got: list[tuple[Outcome, list[Any]]], expected: list[tuple[Outcome, list[Any]]]
 ) -> None:
@@ -712,17 +731,9 @@ def test_grammar_logprob_penalty_and_bias_rows_batched_equal_solo(
 
     requests = feature_requests(builder, audio)
 
-    async def alone(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
-        return [await with_logprobs(engine.submit(r)) for r in requests]
-
-    async def together(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
-        handles = engine.submit_group(requests)
-        return list(await asyncio.gather(*(with_logprobs(h) for h in handles)))
-
-    with engine_for(bundle, max_batch_size=1) as engine:
-        solo_results = run(alone(engine))
+    solo_results = solo_with_logprobs(bundle, requests)
     with engine_for(bundle, max_batch_size=8) as engine:
-        batched_results = run(together(engine))
+        batched_results = run(together_with_logprobs(engine, requests))
         assert engine.stats()["peak_batch_size"] == len(requests)
     assert_same_with_logprobs(batched_results, solo_results)
     by_name = {r.request_id: o for r, (o, _) in zip(requests, batched_results, strict=True)}
@@ -756,18 +767,10 @@ def test_preempted_rows_keep_their_sampler_state(
                    temperature=1.0, seed=5)
     requests = [plain, json_row, json_object, penalised, json_sampled, biased, free]
 
-    async def alone(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
-        return [await with_logprobs(engine.submit(r)) for r in requests]
-
-    async def together(engine: BatchingEngine) -> list[tuple[Outcome, list[Any]]]:
-        handles = engine.submit_group(requests)
-        return list(await asyncio.gather(*(with_logprobs(h) for h in handles)))
-
-    with engine_for(bundle, max_batch_size=1) as engine:
-        solo_results = run(alone(engine))
+    solo_results = solo_with_logprobs(bundle, requests)
     small = CacheOptions(num_blocks=20)
     with engine_for(bundle, max_batch_size=7, cache=small, overlap_steps=overlap) as engine:
-        batched_results = run(together(engine))
+        batched_results = run(together_with_logprobs(engine, requests))
         stats = engine.stats()
     assert stats["preemptions"] >= 1 and stats["failed"] == 0
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 20
